@@ -1,0 +1,34 @@
+# Set-up is part of every target: a fresh clone needs only `make serve` or `make test`.
+PYTHON ?= python3.12
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# A native llama.cpp build picks CPU kernels (AMX) that crash on some hosts; portable kernels are safe.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+
+.PHONY: install serve test lint typecheck bench
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip==26.3
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/llama-gateway serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/ruff check gateway backends tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway backends tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.streaming

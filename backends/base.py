@@ -1,0 +1,112 @@
+"""The protocol every inference engine implements, and the values that cross it.
+
+Error hierarchy::
+
+    BackendError                 a backend could not serve a request
+    ├── BackendUnavailable       not started, or failed to start (configuration, missing GPU, ...)
+    └── GenerationFailed         the engine failed in the middle of a generation
+
+Token counting convention (identical on every backend): ``completion_tokens`` counts every
+token the engine sampled and the client could see, excluding the end-of-sequence token that
+ended generation. A stop sequence ends generation after the token that completed it; that token
+is counted even though the stop text itself is not returned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length"]
+
+
+class BackendError(Exception):
+    """A backend could not serve a request."""
+
+
+class BackendUnavailable(BackendError):
+    """The backend is not running or could not be started."""
+
+
+class GenerationFailed(BackendError):
+    """The engine failed while generating."""
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Every sampler setting, explicit: engines' own defaults are never relied upon.
+
+    Neutral values switch a setting off: ``top_k=0``, ``top_p=1``, ``min_p=0``,
+    ``repetition_penalty=1``, penalties 0, ``min_tokens=0``. ``temperature=0`` means greedy.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    min_tokens: int = 0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One sequence to generate. Stop strings are applied by the gateway, not the engine."""
+
+    request_id: str
+    prompt_ids: Sequence[int]
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenDelta:
+    """Newly generated text and the tokens that produced it.
+
+    ``text`` may be empty when a token ends inside a multi-byte character; its bytes are
+    carried over into the next delta. The last delta of a generation has ``finish_reason`` set.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BackendCapabilities:
+    """What a backend can do, so the gateway can reject what it cannot."""
+
+    max_concurrency: int
+    """Generations that run at once; more requests wait in the gateway's queue."""
+    context_length: int
+    supports_logit_bias: bool = True
+    supports_seed: bool = True
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """An inference engine serving one model."""
+
+    @property
+    def capabilities(self) -> BackendCapabilities: ...
+
+    async def start(self) -> None:
+        """Load the model. Raises `BackendUnavailable` with one clear sentence on failure."""
+
+    async def stop(self) -> None:
+        """Release the model and any worker threads."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Stream deltas for one sequence.
+
+        Closing the iterator early (``aclose()`` or task cancellation) must stop the engine's
+        work for this request at once and free its slot. That cleanup must not await: it may
+        run inside a task whose cancel scope cancels every further await (a client that went
+        away mid-stream). Generation runs off the event loop.
+        """
+        ...
+

@@ -1,0 +1,1 @@
+"""HTTP routes: OpenAI-compatible API, health, and (elsewhere) admin and Replicate-style routes."""

@@ -1,0 +1,94 @@
+"""The Litestar application, built by `create_app(settings)`; nothing happens at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+
+from backends.base import Backend
+from gateway.api.health import health, ready
+from gateway.api.openai import OPENAI_ROUTES
+from gateway.errors import ApiError
+from gateway.metering import Metering
+from gateway.middleware import RequestIdMiddleware
+from gateway.models import ModelRegistry, build_registry
+from gateway.settings import Settings
+from gateway.state import STATE_KEY, GatewayState
+
+AnyRequest = Request[Any, Any, Any]
+
+_ERROR_TYPES = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "permission_denied"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+}
+
+
+def _api_error_response(_: AnyRequest, exc: ApiError) -> Response[Any]:
+    return Response(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _http_error_response(_: AnyRequest, exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException) or status == 400:
+        error = ApiError(400, str(exc.detail), code="invalid_value")
+    elif status >= 500:
+        error = ApiError(status, str(exc.detail), type="server_error")
+    else:
+        type_, code = _ERROR_TYPES.get(status, ("invalid_request_error", None))
+        detail = exc.detail
+        if status == 413:
+            detail = "The request body is larger than this server accepts."
+        error = ApiError(status, str(detail), type=type_, code=code)
+    return Response(error.body(), status_code=status, headers=dict(exc.headers or {}) | error.headers)
+
+
+def _unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
+    request.logger.exception("unhandled error", exc_info=exc)
+    error = ApiError(500, "The server had an error while processing your request.", type="server_error")
+    return Response(error.body(), status_code=500)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backends: Mapping[str, Backend] | None = None,
+    metering: Metering | None = None,
+) -> Litestar:
+    """Build the gateway app. ``backends`` replaces engines by model name (tests, benchmarks)."""
+    registry: ModelRegistry = build_registry(settings.models, dict(backends or {}))
+    state = GatewayState(settings=settings, models=registry)
+    if metering is not None:
+        state.metering = metering
+
+    @asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await registry.start()
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            await registry.stop()
+
+    return Litestar(
+        route_handlers=[health, ready, *OPENAI_ROUTES],
+        middleware=[RequestIdMiddleware],
+        exception_handlers={
+            ApiError: _api_error_response,
+            HTTPException: _http_error_response,
+            Exception: _unexpected_error_response,
+        },
+        lifespan=[lifespan],
+        state=State({STATE_KEY: state}),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+    )

@@ -1,0 +1,86 @@
+"""The ``llama-gateway`` command line."""
+
+from __future__ import annotations
+
+import click
+
+from gateway.settings import ConfigError, load_settings
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    envvar="LLAMA_GATEWAY_CONFIG",
+    help="YAML config file (default: the embedded SQLite + bundled CPU model).",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="llama-gateway")
+def main() -> None:
+    """OpenAI-compatible gateway for self-hosted Llama 2."""
+
+
+@main.command()
+@config_option
+@click.option("--host", default=None, help="Address to listen on (setting: host).")
+@click.option("--port", type=int, default=None, help="Port to listen on (setting: port).")
+@click.option("--workers", type=int, default=1, show_default=True, help="uvicorn worker processes.")
+def serve(config_path: str | None, host: str | None, port: int | None, workers: int) -> None:
+    """Serve the OpenAI-compatible API with uvicorn."""
+    from gateway.serve import run
+
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if host is not None:
+        settings.host = host
+    if port is not None:
+        settings.port = port
+    run(settings, workers=workers, config_path=config_path)
+
+
+@main.group()
+def models() -> None:
+    """Inspect the configured models."""
+
+
+@models.command("list")
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+def list_models(config_path: str | None, fmt: str) -> None:
+    """List configured models with their backend, template, context and prices."""
+    from gateway.output import emit
+
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    rows = [
+        {
+            "name": m.name,
+            "backend": m.backend,
+            "template": m.template,
+            "context_length": m.context_length,
+            "input_per_1m_usd": str(m.pricing.input_per_million),
+            "output_per_1m_usd": str(m.pricing.output_per_million),
+            "path": m.path or "",
+        }
+        for m in settings.models
+    ]
+    emit(rows, fmt, title="Models")
+
+
+def _register() -> None:
+    # Subcommands live beside the code they drive; importing here keeps start-up lazy elsewhere.
+    from gateway.tinymodel import tiny_model_command
+
+    main.add_command(tiny_model_command)
+
+    from gateway.cli_admin import register as register_admin_commands
+
+    register_admin_commands(main)
+
+
+_register()

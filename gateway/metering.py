@@ -1,0 +1,74 @@
+"""The seam between a request's generation and accounting (limits, budgets, usage rows).
+
+The OpenAI and Replicate routes call ``admit`` before generating and ``Ticket.finish`` once
+the outcome is known, before the response's final bytes go out, so a response the client saw
+complete always has its usage committed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+from litestar import Request
+
+from gateway.generation import Generation
+from gateway.models import ModelRuntime
+
+UsageStatus = Literal["completed", "length", "stopped", "cancelled", "failed"]
+
+
+class Ticket(Protocol):
+    @property
+    def headers(self) -> dict[str, str]:
+        """Rate-limit headers to send with the response."""
+        ...
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        """Record usage and settle reservations. Idempotent: only the first call counts."""
+        ...
+
+
+class Metering(Protocol):
+    async def admit(
+        self,
+        request: Request[object, object, object],
+        runtime: ModelRuntime,
+        *,
+        endpoint: str,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        user: str | None,
+    ) -> Ticket:
+        """Check limits and reserve budget; raises ``ApiError`` (429) when refused."""
+        ...
+
+
+class _FreeTicket:
+    headers: dict[str, str] = {}
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        return None
+
+
+class NoMetering:
+    """No limits and no usage rows (a gateway without accounting, e.g. a GPU worker behind another)."""
+
+    async def admit(
+        self,
+        request: Request[object, object, object],
+        runtime: ModelRuntime,
+        *,
+        endpoint: str,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        user: str | None,
+    ) -> Ticket:
+        return _FreeTicket()
+
+
+def usage_status(generation: Generation) -> UsageStatus:
+    """The outcome of a generation that ran to its end."""
+    reasons = set(generation.finish_reasons.values())
+    if "length" in reasons:
+        return "length"
+    return "stopped" if generation.stop_sequence_hit else "completed"

@@ -1,0 +1,39 @@
+"""ASGI middleware: a request id on every request and response."""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+REQUEST_ID_HEADER = b"x-request-id"
+# A caller's id is kept when it is short and plain, so ids can be followed across services.
+_ACCEPTABLE_ID = re.compile(rb"^[A-Za-z0-9._:-]{8,128}$")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+class RequestIdMiddleware:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = next((v for k, v in scope["headers"] if k == REQUEST_ID_HEADER), None)
+        rid = incoming.decode() if incoming and _ACCEPTABLE_ID.match(incoming) else new_request_id()
+        scope.setdefault("state", {})["request_id"] = rid
+        encoded = rid.encode()
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, encoded))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)

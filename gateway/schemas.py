@@ -1,0 +1,143 @@
+"""OpenAI request bodies, decoded and validated by msgspec.
+
+Unknown fields are ignored, as OpenAI-compatible servers do; a wrong type or an out-of-range
+value is a 400 whose ``param`` names the field. ``null`` is the same as leaving a field out.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from gateway.errors import ApiError, invalid_request
+
+MAX_CHOICES = 16
+MAX_STOP_SEQUENCES = 4
+
+Temperature = Annotated[float, Meta(ge=0, le=2)]
+Probability = Annotated[float, Meta(ge=0, le=1)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Choices = Annotated[int, Meta(ge=1, le=MAX_CHOICES)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class ContentPart(msgspec.Struct):
+    type: str
+    text: str | None = None
+
+
+class ChatMessageIn(msgspec.Struct):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class ResponseFormat(msgspec.Struct):
+    type: str
+
+
+class SamplingFields(msgspec.Struct):
+    """Fields shared by chat and legacy completions, including vLLM's extra sampling fields."""
+
+    model: str
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    n: Choices | None = None
+    stop: str | list[str] | None = None
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
+    user: str | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Probability | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0, le=5)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageIn] = msgspec.field(default_factory=list)
+    max_completion_tokens: PositiveInt | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    response_format: ResponseFormat | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w]*|\[\d+\])+)`")
+
+
+def _param_from_path(message: str) -> str | None:
+    match = _PATH.search(message)
+    if match is None:
+        return None
+    return match.group(1).lstrip(".")
+
+
+def decode_body[T](body: bytes, schema: type[T]) -> T:
+    """Decode a JSON body, turning every decoding or validation failure into a 400."""
+    if not body.strip():
+        raise invalid_request("The request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        param = _param_from_path(text)
+        if text.startswith("Object missing required field"):
+            field = text.split("`")[1]
+            raise invalid_request(f"Missing required parameter: '{field}'.", param=field) from exc
+        raise invalid_request(f"Invalid request: {text}", param=param, code="invalid_value") from exc
+    except msgspec.DecodeError as exc:
+        raise invalid_request(
+            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object."
+        ) from exc
+
+
+def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    sequences = [stop] if isinstance(stop, str) else stop
+    if len(sequences) > MAX_STOP_SEQUENCES:
+        raise invalid_request(f"At most {MAX_STOP_SEQUENCES} stop sequences are allowed.", param="stop")
+    return tuple(s for s in sequences if s)
+
+
+def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float]:
+    if not bias:
+        return {}
+    parsed: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise invalid_request(f"logit_bias keys must be token ids; got {key!r}.", param="logit_bias") from None
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise invalid_request(f"logit_bias token id {token} is out of range.", param="logit_bias")
+        parsed[token] = value
+    return parsed
+
+
+def unsupported(param: str, what: str) -> ApiError:
+    return invalid_request(f"{what} is not supported by this server.", param=param, code="unsupported_parameter")
