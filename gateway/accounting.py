@@ -16,8 +16,6 @@ from gateway.limits import Limiter, MemoryLimiter, RedisLimiter
 from gateway.settings import Settings
 from gateway.usage import UsageRecorder, spend_since
 
-INITIAL_ADMIN_KEY_ENV = "LLAMA_GATEWAY_INITIAL_ADMIN_KEY"
-
 
 @dataclass(slots=True)
 class Accounting:
@@ -78,7 +76,7 @@ async def ensure_initial_admin_key(accounting: Accounting, preset: str | None = 
     """On first run (no key at all) create an admin key.
 
     Returns the generated plaintext, to be shown once. Returns None when keys exist already, or
-    when the operator preset the key (``LLAMA_GATEWAY_INITIAL_ADMIN_KEY``): they know it, and it
+    when the operator preset the key (setting ``initial_admin_key``, env ``LLAMA_GATEWAY_INITIAL_ADMIN_KEY``): they know it, and it
     should not reach the logs.
     """
     created = await accounting.keys.create_first(

@@ -11,8 +11,11 @@ from litestar.datastructures import State
 from litestar.exceptions import HTTPException, ValidationException
 
 from backends.base import Backend
+from gateway.accounting import ensure_initial_admin_key, initial_key_notice, open_accounting
 from gateway.api.health import health, ready
 from gateway.api.openai import OPENAI_ROUTES
+from gateway.auth import require_api_key
+from gateway.billing import AccountingMetering
 from gateway.errors import ApiError
 from gateway.metering import Metering
 from gateway.middleware import RequestIdMiddleware
@@ -71,17 +74,30 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
-        await registry.start()
-        state.ready = True
+        accounting = await open_accounting(settings)
         try:
-            yield
+            state.accounting = accounting
+            if metering is None:
+                state.metering = AccountingMetering(accounting)
+            first_key = await ensure_initial_admin_key(accounting, settings.initial_admin_key)
+            if first_key is not None:
+                model = next(iter(registry)).name
+                base_url = f"http://{settings.host}:{settings.port}"
+                print(initial_key_notice(first_key, base_url, model), flush=True)
+            await registry.start()
+            state.ready = True
+            try:
+                yield
+            finally:
+                state.ready = False
+                await registry.stop()
         finally:
-            state.ready = False
-            await registry.stop()
+            await accounting.aclose()
 
     return Litestar(
         route_handlers=[health, ready, *OPENAI_ROUTES],
         middleware=[RequestIdMiddleware],
+        guards=[require_api_key],
         exception_handlers={
             ApiError: _api_error_response,
             HTTPException: _http_error_response,

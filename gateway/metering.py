@@ -7,14 +7,13 @@ complete always has its usage committed.
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 from litestar import Request
 
 from gateway.generation import Generation
 from gateway.models import ModelRuntime
-
-UsageStatus = Literal["completed", "length", "stopped", "cancelled", "failed"]
+from gateway.usage.entry import UsageStatus
 
 
 class Ticket(Protocol):

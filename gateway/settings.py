@@ -91,6 +91,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     drain_seconds: float = 30.0
     usage_flush_interval_ms: float = 5.0
     key_cache_seconds: float = 2.0
+    initial_admin_key: str | None = None
+    """Created as the first admin key when none exists (instead of a random one printed once)."""
     models: list[ModelConfig] = msgspec.field(default_factory=list)
 
     def model_names(self) -> list[str]:

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from litestar import Request
+from litestar.connection import ASGIConnection
 
 from gateway.metering import Metering, NoMetering
 from gateway.models import ModelRegistry
 from gateway.settings import Settings
 
+if TYPE_CHECKING:
+    from gateway.accounting import Accounting
+
 STATE_KEY = "gateway"
+AnyConnection = ASGIConnection[Any, Any, Any, Any]
 
 
 @dataclass
@@ -21,13 +25,24 @@ class GatewayState:
     metering: Metering = field(default_factory=NoMetering)
     ready: bool = False
     draining: bool = False
+    _accounting: Accounting | None = None
+
+    @property
+    def accounting(self) -> Accounting:
+        if self._accounting is None:
+            raise RuntimeError("accounting is opened by the app's lifespan; the app has not started")
+        return self._accounting
+
+    @accounting.setter
+    def accounting(self, value: Accounting) -> None:
+        self._accounting = value
 
 
-def gateway_state(request: Request[Any, Any, Any]) -> GatewayState:
-    state: GatewayState = request.app.state[STATE_KEY]
+def gateway_state(connection: AnyConnection) -> GatewayState:
+    state: GatewayState = connection.app.state[STATE_KEY]
     return state
 
 
-def request_id(request: Request[Any, Any, Any]) -> str:
-    value: str = request.scope["state"]["request_id"]
+def request_id(connection: AnyConnection) -> str:
+    value: str = connection.scope["state"]["request_id"]
     return value

@@ -53,12 +53,27 @@ class LlamaShape:
 
 
 SIZES: dict[Size, LlamaShape] = {
-    "tiny": LlamaShape(hidden_size=64, intermediate_size=172, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4),
-    "7b": LlamaShape(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                     num_attention_heads=32, num_key_value_heads=32),
-    "70b": LlamaShape(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                      num_attention_heads=64, num_key_value_heads=8),
+    "tiny": LlamaShape(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    ),
+    "7b": LlamaShape(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+    ),
+    "70b": LlamaShape(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+    ),
 }
 
 
@@ -137,7 +152,9 @@ def permute_for_gguf(weights: npt.NDArray[Any], n_head: int) -> npt.NDArray[Any]
     """
     rows = weights.shape[0]
     return (
-        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
     )
 
 
@@ -257,7 +274,11 @@ def _write_safetensors(
     offset = 0
     for tensor in tensors:
         nbytes = math.prod(tensor.shape) * 2
-        header[tensor.name] = {"dtype": "F16", "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[tensor.name] = {
+            "dtype": "F16",
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
@@ -294,7 +315,9 @@ def _gguf_vocabulary() -> tuple[list[str], list[float], list[int]]:
     import gguf
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(model_proto=(_tokenizer_data() / "tokenizer.model").read_bytes())
+    sp = sentencepiece.SentencePieceProcessor(
+        model_proto=(_tokenizer_data() / "tokenizer.model").read_bytes()
+    )
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
@@ -396,12 +419,27 @@ def write_tiny_model(
 
 @click.command("tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True,
-              help="Tensor shapes: a tiny model, or those of Llama 2 7B or 70B.")
-@click.option("--layers", type=click.IntRange(min=1), default=None,
-              help="Number of transformer layers instead of the size's own.")
-@click.option("--format", "format_", type=click.Choice(list(_CLI_FORMATS)), default="all", show_default=True,
-              help="gguf for llama.cpp, hf (safetensors + config.json) for ExLlamaV2, or both.")
+@click.option(
+    "--size",
+    type=click.Choice(list(SIZES)),
+    default="tiny",
+    show_default=True,
+    help="Tensor shapes: a tiny model, or those of Llama 2 7B or 70B.",
+)
+@click.option(
+    "--layers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of transformer layers instead of the size's own.",
+)
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(list(_CLI_FORMATS)),
+    default="all",
+    show_default=True,
+    help="gguf for llama.cpp, hf (safetensors + config.json) for ExLlamaV2, or both.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 def tiny_model_command(out_dir: Path, size: Size, layers: int | None, format_: str, seed: int) -> None:
     """Write a random-weight Llama 2 model with the real Llama 2 tokenizer into OUT_DIR."""

@@ -7,6 +7,7 @@ model's own chat template rendered. Neither adds BOS; prompt builders place it w
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 from collections.abc import Sequence
@@ -154,32 +155,43 @@ class HFTokenizer:
         return text
 
 
+def _vocab_only(path: Path) -> Any:
+    """A llama.cpp model with the vocabulary and metadata of a GGUF file but none of its weights.
+
+    llama.cpp reads these in milliseconds, where gguf.GGUFReader takes seconds on a large vocabulary.
+    """
+    import llama_cpp
+
+    if not path.is_file():
+        raise ConfigError(f"GGUF file {path} does not exist")
+    try:
+        return llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    except ValueError as exc:
+        raise ConfigError(f"cannot read GGUF file {path}: {exc}") from exc
+
+
 class GGUFTokenizer:
     """The vocabulary inside a GGUF file, through llama.cpp itself (no weights are loaded)."""
 
-    def __init__(self, model_path: str | Path) -> None:
+    def __init__(self, llm: Any) -> None:
         import llama_cpp
 
-        self._llama_cpp = llama_cpp
-        self._llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self.bos_id: int = self._llm.token_bos()
-        self.eos_id: int = self._llm.token_eos()
+        self._llm = llm
+        self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.bos_id: int = llm.token_bos()
+        self.eos_id: int = llm.token_eos()
         self.bos_token: str = self._piece(self.bos_id)
         self.eos_token: str = self._piece(self.eos_id)
-        self.vocab_size: int = self._llm.n_vocab()
+        self.vocab_size: int = llm.n_vocab()
 
     @classmethod
     def from_file(cls, gguf_path: str | Path) -> Self:
-        if not Path(gguf_path).is_file():
-            raise ConfigError(f"GGUF file {gguf_path} does not exist")
-        try:
-            return cls(gguf_path)
-        except ValueError as exc:
-            raise ConfigError(f"cannot load the vocabulary of {gguf_path}: {exc}") from exc
+        return cls(_vocab_only(Path(gguf_path)))
 
     def _piece(self, token_id: int) -> str:
-        text: bytes = self._llama_cpp.llama_vocab_get_text(self._vocab, token_id)
+        import llama_cpp
+
+        text: bytes = llama_cpp.llama_vocab_get_text(self._vocab, token_id)
         return text.decode("utf-8", errors="replace")
 
     def encode(self, text: str) -> list[int]:
@@ -191,15 +203,18 @@ class GGUFTokenizer:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        llama_cpp = self._llama_cpp
+        import llama_cpp
+
         # Control tokens render as nothing, but llama.cpp would still let a leading one (BOS) keep the
         # first word's space prefix; dropping them first decodes as sentencepiece and tokenizers do.
         kept = [i for i in ids if not llama_cpp.llama_vocab_is_control(self._vocab, i)]
         tokens = (llama_cpp.llama_token * len(kept))(*kept)
         size = max(16, 8 * len(kept))
         while True:
-            buffer = llama_cpp.ctypes.create_string_buffer(size)
-            written: int = llama_cpp.llama_detokenize(self._vocab, tokens, len(kept), buffer, size, False, False)
+            buffer = ctypes.create_string_buffer(size)
+            written: int = llama_cpp.llama_detokenize(
+                self._vocab, tokens, len(kept), buffer, size, False, False
+            )
             if written >= 0:
                 return buffer.raw[:written].decode("utf-8", errors="replace")
             size = -written
@@ -251,14 +266,8 @@ def load_tokenizer(model: ModelConfig) -> Tokenizer:
 
 
 def _gguf_chat_template(path: Path) -> str | None:
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    field = reader.get_field(gguf.Keys.Tokenizer.CHAT_TEMPLATE)
-    if field is None:
-        return None
-    value = field.contents()
-    return value if isinstance(value, str) else None
+    template: str | None = _vocab_only(path).metadata.get("tokenizer.chat_template")
+    return template
 
 
 def _config_chat_template(directory: Path) -> str | None:

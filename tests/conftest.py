@@ -15,12 +15,17 @@ LLAMA2_TOKENIZER = Path(__file__).parent.parent / "gateway" / "data" / "llama2-t
 
 def _reference_tokenizations() -> list[tuple[str, list[int]]]:
     # Bytes, not text mode: some inputs hold "\r", which universal newlines would rewrite.
-    inputs = (LLAMA2_REFERENCE / "reference.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
+    inputs = (
+        (LLAMA2_REFERENCE / "reference.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
+    )
     outputs = (LLAMA2_REFERENCE / "reference.out").read_bytes().decode("utf-8").split("\n")
     # Both files end with a separator, which leaves one empty entry behind.
-    assert inputs[-1] == "" and outputs[-1] == ""
+    assert inputs[-1] == ""
+    assert outputs[-1] == ""
     assert len(inputs) == len(outputs)
-    return [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs[:-1], outputs[:-1], strict=True)]
+    return [
+        (text, [int(i) for i in ids.split()]) for text, ids in zip(inputs[:-1], outputs[:-1], strict=True)
+    ]
 
 
 @pytest.fixture(scope="session")

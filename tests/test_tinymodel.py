@@ -151,7 +151,11 @@ def reference_logits(weights: Weights, config: dict[str, Any], ids: list[int]) -
         h = h + attended @ w[p + "self_attn.o_proj.weight"].T
         x = _rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
         gate = x @ w[p + "mlp.gate_proj.weight"].T
-        h = h + (gate / (1 + np.exp(-gate)) * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        h = (
+            h
+            + (gate / (1 + np.exp(-gate)) * (x @ w[p + "mlp.up_proj.weight"].T))
+            @ w[p + "mlp.down_proj.weight"].T
+        )
     result: npt.NDArray[np.float64] = _rms_norm(h, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
     return result
 
@@ -182,7 +186,9 @@ def test_same_seed_same_model_any_order(tmp_path: Path) -> None:
     shape = tinymodel.llama_shape("tiny")
     first, second = plan_tensors("tiny")[1], plan_tensors("tiny")[2]
     assert np.array_equal(tinymodel.tensor_values(first, shape, 7), tinymodel.tensor_values(first, shape, 7))
-    assert not np.array_equal(tinymodel.tensor_values(first, shape, 7), tinymodel.tensor_values(first, shape, 8))
+    assert not np.array_equal(
+        tinymodel.tensor_values(first, shape, 7), tinymodel.tensor_values(first, shape, 8)
+    )
     assert not np.array_equal(
         tinymodel.tensor_values(first, shape, 7)[:64], tinymodel.tensor_values(second, shape, 7)[:64]
     )
@@ -249,7 +255,9 @@ def test_rejects_unknown_format(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["tiny-model", str(tmp_path / "out"), "--format", "gguf", "--seed", "3"])
+    result = CliRunner().invoke(
+        main, ["tiny-model", str(tmp_path / "out"), "--format", "gguf", "--seed", "3"]
+    )
     assert result.exit_code == 0, result.output
     printed = {Path(line).name for line in result.output.splitlines()}
     assert printed == {"tokenizer.model", "tokenizer.json", "README.md", "model.gguf"}

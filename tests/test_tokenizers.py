@@ -18,7 +18,9 @@ from gateway.tokenizers import (
 
 
 @pytest.fixture(scope="module", params=["sentencepiece", "hf", "gguf"])
-def llama2_tokenizer(request: pytest.FixtureRequest, llama2_tokenizer_dir: Path, llama2_reference_dir: Path) -> Tokenizer:
+def llama2_tokenizer(
+    request: pytest.FixtureRequest, llama2_tokenizer_dir: Path, llama2_reference_dir: Path
+) -> Tokenizer:
     if request.param == "sentencepiece":
         return SentencePieceTokenizer.from_file(llama2_tokenizer_dir / "tokenizer.model")
     if request.param == "hf":
@@ -37,7 +39,9 @@ def test_reproduces_reference_tokenizations(
         assert llama2_tokenizer.encode(text) == ids, text
 
 
-def test_decode_round_trip(llama2_tokenizer: Tokenizer, reference_tokenizations: list[tuple[str, list[int]]]) -> None:
+def test_decode_round_trip(
+    llama2_tokenizer: Tokenizer, reference_tokenizations: list[tuple[str, list[int]]]
+) -> None:
     for text, ids in reference_tokenizations:
         assert llama2_tokenizer.decode(ids) == text, ids
 
@@ -78,7 +82,9 @@ def test_hf_tokenizer_rejects_unknown_special_token(tmp_path: Path, llama2_token
         HFTokenizer.from_file(llama2_tokenizer_dir / "tokenizer.json", config)
 
 
-def test_load_tokenizer_llama2_uses_sentencepiece_beside_the_weights(tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
+def test_load_tokenizer_llama2_uses_sentencepiece_beside_the_weights(
+    tmp_path: Path, llama2_tokenizer_dir: Path
+) -> None:
     shutil.copy(llama2_tokenizer_dir / "tokenizer.model", tmp_path / "tokenizer.model")
     model = ModelConfig(name="m", backend="llamacpp", path=str(tmp_path / "model.gguf"), template="llama-2")
     assert isinstance(load_tokenizer(model), SentencePieceTokenizer)
@@ -111,7 +117,10 @@ def test_load_tokenizer_jinja_directory_without_tokenizer_json(tmp_path: Path) -
 
 def test_load_tokenizer_explicit_path(llama2_reference_dir: Path) -> None:
     model = ModelConfig(
-        name="m", backend="openai", template="jinja", tokenizer=str(llama2_reference_dir / "vocab-llama-spm.gguf")
+        name="m",
+        backend="openai",
+        template="jinja",
+        tokenizer=str(llama2_reference_dir / "vocab-llama-spm.gguf"),
     )
     assert isinstance(load_tokenizer(model), GGUFTokenizer)
 
@@ -138,5 +147,7 @@ def test_load_chat_template_named_default(tmp_path: Path) -> None:
 def test_load_chat_template_absent(tmp_path: Path, llama2_reference_dir: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     assert load_chat_template(ModelConfig(name="m", backend="exllamav2", path=str(tmp_path))) is None
-    vocab_only = ModelConfig(name="m", backend="llamacpp", path=str(llama2_reference_dir / "vocab-llama-spm.gguf"))
+    vocab_only = ModelConfig(
+        name="m", backend="llamacpp", path=str(llama2_reference_dir / "vocab-llama-spm.gguf")
+    )
     assert load_chat_template(vocab_only) is None

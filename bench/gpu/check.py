@@ -764,7 +764,7 @@ def summary(report: dict[str, Any]) -> str:
     hf, bw, frac = s.get("hf_transformers", {}), s.get("bandwidth", {}), s.get("bandwidth_fraction", {})
     conf, paged, v = s.get("conformance", {}), s.get("paged_batching", {}), report.get("verdict", {})
     t = report.get("timings", {})
-    raw_frac = frac.get("raw_exllamav2", {})
+    raw_frac, weights = frac.get("raw_exllamav2", {}), frac.get("weight_bytes_per_token")
     lines = [
         "=== llama-gateway exllamav2 GPU check ===",
         f"GPU {env.get('gpu')} ({env.get('gpu_memory_gib')} GiB, sm {env.get('capability')}), torch "
@@ -787,7 +787,7 @@ def summary(report: dict[str, Any]) -> str:
         f"{fmt(hf.get('prompt_tokens_per_s'), 0)} tok/s [{hf.get('status')}]",
         f"(4) bandwidth: copy {fmt(bw.get('device_to_device_copy_tb_s'), 2)} TB/s measured, "
         f"{fmt(bw.get('nominal_tb_s'), 2)} TB/s nominal; raw decode reads "
-        f"{fmt(frac.get('weight_bytes_per_token', 0) / 1e9, 2)} GB/token = "
+        f"{fmt(weights / 1e9 if weights else None, 2)} GB/token = "
         f"{fmt(raw_frac.get('fraction_of_measured_weights_only'), 2)} of measured, "
         f"{fmt(raw_frac.get('fraction_of_nominal_weights_only'), 2)} of nominal (weights only)",
         f"(5) conformance: {'PASS' if conf.get('passed') else 'FAIL'} "

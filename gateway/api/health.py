@@ -6,15 +6,16 @@ from typing import Any
 
 from litestar import Request, Response, get
 
+from gateway.auth import PUBLIC
 from gateway.state import gateway_state
 
 
-@get("/health", sync_to_thread=False)
+@get("/health", sync_to_thread=False, opt={PUBLIC: True})
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/ready")
+@get("/ready", opt={PUBLIC: True})
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     state = gateway_state(request)
     ok = state.ready and not state.draining

@@ -18,6 +18,7 @@ from gateway.api.requests import (
     reject_unsupported_completion,
     sampling_params,
 )
+from gateway.auth import current_key
 from gateway.errors import ApiError, model_not_found
 from gateway.generation import Generation
 from gateway.metering import Ticket, UsageStatus, usage_status
@@ -169,16 +170,17 @@ async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -
 @get("/v1/models")
 async def list_models(request: AnyRequest) -> dict[str, Any]:
     state = gateway_state(request)
-    return {"object": "list", "data": [_model_card(r.name, r.config.owned_by) for r in state.models]}
+    key = current_key(request)
+    cards = [_model_card(r.name, r.config.owned_by) for r in state.models if key.allows_model(r.name)]
+    return {"object": "list", "data": cards}
 
 
 @get("/v1/models/{model_id:str}")
 async def retrieve_model(request: AnyRequest, model_id: str) -> dict[str, Any]:
     state = gateway_state(request)
-    try:
-        runtime = state.models.get(model_id)
-    except ApiError:
-        raise model_not_found(model_id) from None
+    runtime = state.models.get(model_id)
+    if not current_key(request).allows_model(runtime.name):
+        raise model_not_found(model_id)
     return _model_card(model_id, runtime.config.owned_by)
 
 

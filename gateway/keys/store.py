@@ -100,6 +100,9 @@ class KeyStore:
         async with self._sessionmaker.begin() as session:
             if (await session.connection()).dialect.name == "postgresql":
                 await session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _FIRST_KEY_LOCK_ID})
+            else:
+                # Take SQLite's write lock before counting (several worker processes may share the file).
+                await session.execute(text("BEGIN IMMEDIATE"))
             if await self._count(session):
                 return None
             row = self._add(session, new, plaintext)

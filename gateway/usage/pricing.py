@@ -19,9 +19,12 @@ def worst_case_cost(
     prompt_tokens: int, max_completion_tokens: int, input_per_million: Decimal, output_per_million: Decimal
 ) -> Decimal:
     """The most a request can cost: the budget reservation made at admission."""
-    amount = Decimal(prompt_tokens) * input_per_million + Decimal(max_completion_tokens) * output_per_million
-    # Rounded up so that a reservation never covers less than the settled cost can be.
-    return amount.scaleb(-6).quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)
+
+    def ceiling(tokens: int, per_million: Decimal) -> Decimal:
+        # Each part rounded up: never below ``cost`` of that part, however ``cost`` rounds.
+        return (Decimal(tokens) * per_million).scaleb(-6).quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)
+
+    return ceiling(prompt_tokens, input_per_million) + ceiling(max_completion_tokens, output_per_million)
 
 
 def format_usd(amount: Decimal) -> str:

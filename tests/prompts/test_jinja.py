@@ -55,7 +55,7 @@ def test_smollm2_prompt_ids(smollm2_template: str, smollm2_tokenizer: GGUFTokeni
     assert ids.count(im_start) == 3
     assert ids.count(im_end) == 2
     assert ids[0] == im_start
-    assert ids[-3:] == [im_start, *smollm2_tokenizer.encode("assistant\n")]
+    assert ids[-4:] == [im_start, *smollm2_tokenizer.encode("assistant\n")]
     # The template renders no BOS, so none is added.
     assert smollm2_tokenizer.decode(ids) == f"system\n{SMOLLM2_DEFAULT_SYSTEM}\nuser\nHi\nassistant\n"
 
@@ -67,8 +67,12 @@ def test_bos_only_where_the_template_renders_it(smollm2_tokenizer: GGUFTokenizer
 
 
 def test_raise_exception_is_a_prompt_error() -> None:
-    template = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversations must start with user') }}{% endif %}"
-    with pytest.raises(PromptError, match="^Conversations must start with user$") as raised:
+    template = (
+        "{% if messages[0].role != 'user' %}"
+        "{{ raise_exception('Conversations must start with user') }}"
+        "{% endif %}"
+    )
+    with pytest.raises(PromptError, match=r"^Conversations must start with user$") as raised:
         render(template, [Message("assistant", "x")])
     assert raised.value.param == "messages"
     assert render(template, [Message("user", "x")]) == ""
@@ -90,12 +94,20 @@ def test_invalid_template_is_a_config_error() -> None:
 
 
 def test_trim_and_lstrip_blocks() -> None:
-    template = "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}"
+    template = (
+        "{% for m in messages %}\n"
+        "    {% if m.role == 'user' %}\n"
+        "[{{ m.content }}]\n"
+        "    {% endif %}\n"
+        "{% endfor %}"
+    )
     assert render(template, [Message("user", "a"), Message("user", "b")]) == "[a]\n[b]\n"
 
 
 def test_globals_and_filters() -> None:
-    template = "{{ messages | tojson }}|{{ strftime_now('%Y') }}|{% for m in messages %}{% break %}{% endfor %}"
+    template = (
+        "{{ messages | tojson }}|{{ strftime_now('%Y') }}|{% for m in messages %}{% break %}{% endfor %}"
+    )
     year = str(datetime.datetime.now().year)
     assert render(template, [Message("user", "Äpfel")]) == f'[{{"role": "user", "content": "Äpfel"}}]|{year}|'
 

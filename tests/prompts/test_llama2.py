@@ -117,9 +117,8 @@ def test_bos_and_eos_only_at_turn_boundaries(name: str, tokenizer: Tokenizer) ->
 
 def test_known_ids(tokenizer: Tokenizer) -> None:
     # "<s>[INST] Hello [/INST]" as Meta's tokenizer produces it.
-    assert build_llama2_prompt([Message("user", "Hello")], tokenizer) == [
-        1, 518, 25580, 29962, 15043, 518, 29914, 25580, 29962
-    ]
+    expected = [1, 518, 25580, 29962, 15043, 518, 29914, 25580, 29962]
+    assert build_llama2_prompt([Message("user", "Hello")], tokenizer) == expected
 
 
 def test_user_special_text_stays_text(tokenizer: Tokenizer) -> None:

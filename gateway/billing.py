@@ -1,0 +1,115 @@
+"""Metering backed by accounting: limits and budgets at admission, a usage row at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from typing import Any
+
+from litestar import Request
+
+from gateway.accounting import Accounting
+from gateway.auth import current_key
+from gateway.errors import model_not_found
+from gateway.generation import Generation
+from gateway.keys import ApiKeyInfo
+from gateway.limits import Admission
+from gateway.metering import Ticket
+from gateway.models import ModelRuntime
+from gateway.usage import UsageEntry, UsageStatus
+from gateway.usage.pricing import worst_case_cost
+
+
+class UsageTicket:
+    def __init__(
+        self,
+        accounting: Accounting,
+        key: ApiKeyInfo,
+        runtime: ModelRuntime,
+        admission: Admission,
+        *,
+        request_id: str,
+        endpoint: str,
+        user: str | None,
+    ) -> None:
+        self._accounting = accounting
+        self._key = key
+        self._runtime = runtime
+        self._admission = admission
+        self._request_id = request_id
+        self._endpoint = endpoint
+        self._user = user
+        self._started = datetime.now(UTC)
+        self._finishing: asyncio.Task[None] | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._admission.headers
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        # The first call does the work; later or concurrent calls wait for the same outcome.
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._record(generation, status))
+        await asyncio.shield(self._finishing)
+
+    async def _record(self, generation: Generation, status: UsageStatus) -> None:
+        pricing = self._runtime.config.pricing
+        ttft = generation.ttft_ms()
+        reasons = sorted(set(generation.finish_reasons.values()))
+        entry = UsageEntry(
+            request_id=self._request_id,
+            key_id=self._key.id,
+            model=self._runtime.name,
+            endpoint=self._endpoint,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=generation.completion_tokens,
+            input_price_per_million=pricing.input_per_million,
+            output_price_per_million=pricing.output_per_million,
+            status=status,
+            started_at=self._started,
+            finished_at=datetime.now(UTC),
+            finish_reason=",".join(reasons) or None,
+            ttft_ms=None if ttft is None else round(ttft),
+            user=self._user,
+        )
+        try:
+            await self._accounting.usage.record(entry)
+        finally:
+            await self._admission.settle(generation.prompt_tokens + generation.completion_tokens, entry.total_cost)
+
+
+class AccountingMetering:
+    def __init__(self, accounting: Accounting) -> None:
+        self._accounting = accounting
+
+    async def admit(
+        self,
+        request: Request[Any, Any, Any],
+        runtime: ModelRuntime,
+        *,
+        endpoint: str,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        user: str | None,
+    ) -> Ticket:
+        from gateway.state import request_id
+
+        key = current_key(request)
+        if not key.allows_model(runtime.name):
+            raise model_not_found(runtime.name)
+        pricing = runtime.config.pricing
+        worst_case = worst_case_cost(
+            prompt_tokens, max_new_tokens, pricing.input_per_million, pricing.output_per_million
+        )
+        admission = await self._accounting.limiter.admit(
+            key, max_tokens=prompt_tokens + max_new_tokens, worst_case_cost=worst_case
+        )
+        return UsageTicket(
+            self._accounting,
+            key,
+            runtime,
+            admission,
+            request_id=request_id(request),
+            endpoint=endpoint,
+            user=user,
+        )
