@@ -14,7 +14,7 @@ is counted even though the stop text itself is not returned.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -74,6 +74,12 @@ class TokenDelta:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    token_count: int | None = None
+    """Tokens this delta stands for, when the engine reports counts but not ids (a remote worker)."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids) if self.token_count is None else self.token_count
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +106,7 @@ class Backend(Protocol):
     async def stop(self) -> None:
         """Release the model and any worker threads."""
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
         """Stream deltas for one sequence.
 
         Closing the iterator early (``aclose()`` or task cancellation) must stop the engine's

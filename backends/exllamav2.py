@@ -34,7 +34,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -452,6 +452,8 @@ class _GeneratorThread:
     def submit(
         self, request: GenerationRequest, logit_bias: list[tuple[int, float]], events: asyncio.Queue[_Event]
     ) -> int:
+        if not self._thread.is_alive():
+            raise GenerationFailed("the exllamav2 generator thread has stopped")
         key = next(self._keys)
         self._commands.put(_Request(key, request, logit_bias, asyncio.get_running_loop(), events))
         return key
@@ -465,19 +467,27 @@ class _GeneratorThread:
         try:
             loaded = self._load()
         except BaseException as exc:
+            self._unload()
             self._ready.set_exception(exc)
             return
         self._ready.set_result(loaded)
         try:
             self._serve(loaded)
+        except BaseException as exc:
+            logger.exception("the exllamav2 generator thread failed")
+            self._fail_all(f"the engine failed: {_first_line(exc)}")
         finally:
+            self._fail_waiting()
             self._unload()
 
     def _unload(self) -> None:
         model, self._generator, self._model = self._model, None, None
-        if model is not None:
-            model.unload()
-        self._engine.torch.cuda.empty_cache()
+        try:
+            if model is not None:
+                model.unload()
+            self._engine.torch.cuda.empty_cache()
+        except Exception:
+            logger.exception("unloading the exllamav2 model failed")
 
     def _load(self) -> _Loaded:
         e, o = self._engine, self._options
@@ -534,7 +544,9 @@ class _GeneratorThread:
         if reserve is None:
             return None
         if isinstance(reserve, tuple):
-            return [int(gb * 1024**3) for gb in reserve]
+            # exllamav2 reads one entry per visible GPU.
+            missing = max(0, self._engine.torch.cuda.device_count() - len(reserve))
+            return [int(gb * 1024**3) for gb in reserve] + [0] * missing
         return int(reserve * 1024**3)
 
     def _free_vram_split(self, torch: Any) -> list[float] | None:
@@ -633,12 +645,21 @@ class _GeneratorThread:
         for loop, batch in batches.items():
             _post(loop, batch)
 
+    def _fail_waiting(self) -> None:
+        """Answer requests submitted while the thread was stopping."""
+        while (command := self._next_command()) is not None:
+            if isinstance(command, _Request):
+                _post(command.loop, [(command.events, _Failure("the model was stopped"))])
+
     def _fail_all(self, message: str) -> None:
         active, self._active = self._active, {}
         for request in active.values():
             _post(request.loop, [(request.events, _Failure(message))])
         if self._generator is not None:
-            self._generator.clear_queue()
+            try:
+                self._generator.clear_queue()
+            except Exception:
+                logger.exception("clearing exllamav2's job queue failed")
 
 
 def _ids(tensor: Any) -> list[int]:
@@ -728,7 +749,7 @@ class ExLlamaV2Backend:
         if thread is not None:
             await thread.stop()
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
         thread, loaded, decode = self._thread, self._loaded, self._decode
         if thread is None or loaded is None or decode is None:
             raise BackendUnavailable(f"model {self._config.name!r} is not started")

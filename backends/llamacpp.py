@@ -13,7 +13,7 @@ import codecs
 import ctypes
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,13 +86,14 @@ class LlamaCppBackend:
             from llama_cpp import Llama
         except ImportError as exc:
             raise BackendUnavailable("llama-cpp-python is not installed") from exc
-        if self._config.path is None:
+        path = self._config.path
+        if path is None:
             raise BackendUnavailable(f"model {self._config.name!r} has no 'path' to a GGUF file")
 
         def load() -> Any:
             try:
                 return Llama(
-                    model_path=self._config.path,
+                    model_path=path,
                     n_ctx=self._options.n_ctx,
                     n_batch=self._options.n_batch,
                     n_threads=self._options.n_threads,
@@ -116,7 +117,7 @@ class LlamaCppBackend:
         self._all_slots.clear()
         self._slots = None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
         if self._slots is None:
             raise BackendUnavailable(f"model {self._config.name!r} is not loaded")
         slot = await self._slots.get()

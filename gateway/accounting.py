@@ -76,8 +76,8 @@ async def ensure_initial_admin_key(accounting: Accounting, preset: str | None = 
     """On first run (no key at all) create an admin key.
 
     Returns the generated plaintext, to be shown once. Returns None when keys exist already, or
-    when the operator preset the key (setting ``initial_admin_key``, env ``LLAMA_GATEWAY_INITIAL_ADMIN_KEY``): they know it, and it
-    should not reach the logs.
+    when the operator preset the key (setting ``initial_admin_key``, env
+    ``LLAMA_GATEWAY_INITIAL_ADMIN_KEY``): they know it, and it should not reach the logs.
     """
     created = await accounting.keys.create_first(
         NewKey(name="initial admin", scope="admin", metadata={"created_by": "first run"}),

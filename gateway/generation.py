@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 
 from backends.base import FinishReason, GenerationRequest, SamplingParams
@@ -58,16 +58,15 @@ class Generation:
         # Distinct but reproducible seeds, so n choices differ and a seeded request repeats.
         return replace(self.sampling, seed=(seed + index) % SEED_SPACE)
 
-    async def _choice(self, index: int) -> AsyncIterator[ChoiceEvent]:
+    async def _choice(self, index: int) -> AsyncGenerator[ChoiceEvent]:
         async with self.runtime.queue.slot():
             request = GenerationRequest(self.request_id, self.prompt_ids, self._choice_sampling(index))
             matcher = StopMatcher(self.stops)
-            stream = self.runtime.backend.generate(request)
-            try:
+            async with contextlib.aclosing(self.runtime.backend.generate(request)) as stream:
                 async for delta in stream:
-                    if delta.token_ids and self.first_token_at is None:
+                    if delta.tokens and self.first_token_at is None:
                         self.first_token_at = time.monotonic()
-                    self.completion_tokens += len(delta.token_ids)
+                    self.completion_tokens += delta.tokens
                     text, hit = matcher.feed(delta.text)
                     if hit:
                         self.finish_reasons[index] = "stop"
@@ -80,10 +79,8 @@ class Generation:
                         return
                     if text:
                         yield ChoiceEvent(index, text)
-            finally:
-                await stream.aclose()
 
-    async def events(self) -> AsyncIterator[ChoiceEvent]:
+    async def events(self) -> AsyncGenerator[ChoiceEvent]:
         """Events of all choices; with ``n > 1`` they interleave as the choices progress."""
         if self.n == 1:
             async with contextlib.aclosing(self._choice(0)) as events:

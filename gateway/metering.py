@@ -7,13 +7,15 @@ complete always has its usage committed.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from litestar import Request
 
 from gateway.generation import Generation
 from gateway.models import ModelRuntime
 from gateway.usage.entry import UsageStatus
+
+__all__ = ["Metering", "NoMetering", "Ticket", "UsageStatus", "usage_status"]
 
 
 class Ticket(Protocol):
@@ -30,7 +32,7 @@ class Ticket(Protocol):
 class Metering(Protocol):
     async def admit(
         self,
-        request: Request[object, object, object],
+        request: Request[Any, Any, Any],
         runtime: ModelRuntime,
         *,
         endpoint: str,
@@ -43,7 +45,9 @@ class Metering(Protocol):
 
 
 class _FreeTicket:
-    headers: dict[str, str] = {}
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
 
     async def finish(self, generation: Generation, status: UsageStatus) -> None:
         return None
@@ -54,7 +58,7 @@ class NoMetering:
 
     async def admit(
         self,
-        request: Request[object, object, object],
+        request: Request[Any, Any, Any],
         runtime: ModelRuntime,
         *,
         endpoint: str,

@@ -26,6 +26,10 @@ def create_backend(config: ModelConfig) -> Backend:
         from backends.exllamav2 import ExLlamaV2Backend
 
         return ExLlamaV2Backend(config)
+    if config.backend == "openai":
+        from backends.openai_upstream import OpenAIUpstreamBackend
+
+        return OpenAIUpstreamBackend(config)
     if config.backend == "scripted":
         from backends.scripted import ScriptedBackend
 

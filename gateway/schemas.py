@@ -79,7 +79,8 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] | None = None
+    # msgspec takes one array type per union: the list's shape is checked after decoding.
+    prompt: str | list[str | int | list[int]] | None = None
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None

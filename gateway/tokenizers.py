@@ -53,9 +53,7 @@ class SentencePieceTokenizer:
         self.bos_token: str = processor.id_to_piece(self.bos_id)
         self.eos_token: str = processor.id_to_piece(self.eos_id)
         self.vocab_size: int = processor.get_piece_size()
-        control = [
-            processor.id_to_piece(i) for i in range(processor.get_piece_size()) if processor.is_control(i)
-        ]
+        control = [processor.id_to_piece(i) for i in range(self.vocab_size) if processor.is_control(i)]
         # Longest first, so that a control piece which is a prefix of another never wins.
         alternatives = "|".join(re.escape(p) for p in sorted(control, key=len, reverse=True) if p)
         self._control = re.compile(f"({alternatives})") if alternatives else None
@@ -137,9 +135,9 @@ class HFTokenizer:
         eos = _token_content(config.get("eos_token")) or "</s>"
         try:
             return cls(text, bos, eos)
-        except Exception as exc:
-            if isinstance(exc, ConfigError):
-                raise
+        except ConfigError:
+            raise
+        except Exception as exc:  # tokenizers reports a malformed file as a bare Exception
             raise ConfigError(f"cannot load tokenizer {tokenizer_json}: {exc}") from exc
 
     def encode(self, text: str) -> list[int]:
@@ -221,7 +219,7 @@ class GGUFTokenizer:
 
 
 def _is_gguf(path: Path) -> bool:
-    return path.suffix.lower() == ".gguf" and path.is_file()
+    return path.suffix.lower() == ".gguf"
 
 
 def _model_dir(model: ModelConfig) -> Path:

@@ -22,7 +22,13 @@ from gateway.auth import current_key
 from gateway.errors import ApiError, model_not_found
 from gateway.generation import Generation
 from gateway.metering import Ticket, UsageStatus, usage_status
-from gateway.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields, decode_body, stop_sequences
+from gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    decode_body,
+    stop_sequences,
+)
 from gateway.state import GatewayState, gateway_state, request_id
 
 AnyRequest = Request[Any, Any, Any]

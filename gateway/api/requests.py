@@ -83,15 +83,20 @@ def completion_prompt_ids(request: CompletionRequest, runtime: ModelRuntime) -> 
     prompt = request.prompt
     if prompt is None:
         raise invalid_request("Missing required parameter: 'prompt'.", param="prompt")
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+    if isinstance(prompt, list) and prompt and not all(isinstance(p, int) for p in prompt):
+        if not (all(isinstance(p, str) for p in prompt) or all(isinstance(p, list) for p in prompt)):
+            raise invalid_request(
+                "prompt must be a string, a list of strings, a list of token ids or a list of such lists.",
+                param="prompt",
+            )
         if len(prompt) != 1:
             raise unsupported("prompt", "More than one prompt per request")
-        prompt = prompt[0]
+        prompt = prompt[0]  # type: ignore[assignment]  # one string or one id list
     if isinstance(prompt, str):
         return runtime.text_prompt_ids(prompt)
-    ids = [int(t) for t in prompt]  # type: ignore[arg-type]  # narrowed above to list[int]
-    if not ids:
-        raise invalid_request("The prompt must not be empty.", param="prompt")
+    ids = [t for t in prompt if isinstance(t, int)]
+    if len(ids) != len(prompt) or not ids:
+        raise invalid_request("The prompt must be non-empty text or a list of token ids.", param="prompt")
     vocab = runtime.tokenizer.vocab_size
     if any(t < 0 or t >= vocab for t in ids):
         raise invalid_request(f"Prompt token ids must lie in [0, {vocab}).", param="prompt")
@@ -111,7 +116,10 @@ def _context_error(runtime: ModelRuntime, prompt: int, completion: int | None) -
     if completion is None:
         detail = f"your messages resulted in {prompt} tokens"
     else:
-        detail = f"you requested {prompt + completion} tokens ({prompt} in the messages, {completion} in the completion)"
+        detail = (
+            f"you requested {prompt + completion} tokens "
+            f"({prompt} in the messages, {completion} in the completion)"
+        )
     return invalid_request(
         f"This model's maximum context length is {limit} tokens. However, {detail}. "
         "Please reduce the length of the messages or completion.",

@@ -70,9 +70,7 @@ def upgrade() -> None:
             "status IN ('completed', 'length', 'stopped', 'cancelled', 'failed')",
             name=op.f("ck_usage_records_status"),
         ),
-        sa.ForeignKeyConstraint(
-            ["key_id"], ["api_keys.id"], name=op.f("fk_usage_records_key_id_api_keys")
-        ),
+        sa.ForeignKeyConstraint(["key_id"], ["api_keys.id"], name=op.f("fk_usage_records_key_id_api_keys")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_usage_records")),
         sa.UniqueConstraint("request_id", name=op.f("uq_usage_records_request_id")),
     )

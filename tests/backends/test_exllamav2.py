@@ -498,6 +498,7 @@ class FakeGenerator:
 
     script: ClassVar[list[int]] = []
     instances: ClassVar[list[FakeGenerator]] = []
+    failures: ClassVar[list[Exception]] = []
 
     def __init__(
         self,
@@ -545,6 +546,8 @@ class FakeGenerator:
 
     def iterate(self) -> list[dict[str, Any]]:
         time.sleep(0.001)
+        if self.failures:
+            raise self.failures.pop()
         while self.pending and len(self.active) < (self.max_batch_size or 1):
             self.active.append(self.pending.pop(0))
         results = []
@@ -765,6 +768,36 @@ async def test_closing_the_stream_cancels_the_job(calls: list[tuple[Any, ...]], 
         assert follow_up[-1].finish_reason == "stop"
     finally:
         await backend.stop()
+
+
+async def test_engine_failure_fails_the_requests_and_serving_goes_on(
+    calls: list[tuple[Any, ...]], model_dir: Path
+) -> None:
+    FakeGenerator.script = [450, EOS]
+    backend = await started(model_dir)
+    try:
+        FakeGenerator.failures.append(RuntimeError("CUDA error: an illegal memory access\nstack"))
+        with pytest.raises(GenerationFailed, match="the engine failed: RuntimeError: CUDA error") as caught:
+            await collect(backend, request([1], max_tokens=5))
+        assert "\n" not in str(caught.value)
+        assert (await collect(backend, request([1], max_tokens=5)))[-1].finish_reason == "stop"
+    finally:
+        FakeGenerator.failures.clear()
+        await backend.stop()
+
+
+async def test_stop_fails_requests_in_flight(calls: list[tuple[Any, ...]], model_dir: Path) -> None:
+    FakeGenerator.script = [450, -1]  # endless
+    backend = await started(model_dir)
+    stream = backend.generate(request([1], max_tokens=3000))
+    first = await anext(stream)
+    assert first.token_ids == (450,)
+    await backend.stop()
+    with pytest.raises(GenerationFailed, match="the model was stopped"):
+        async for _delta in stream:
+            pass
+    with pytest.raises(BackendUnavailable, match="is not started"):
+        await collect(backend, request([1], max_tokens=1))
 
 
 async def test_concurrent_requests_all_complete(calls: list[tuple[Any, ...]], model_dir: Path) -> None:

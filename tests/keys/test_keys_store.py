@@ -96,7 +96,9 @@ async def test_revocation_reaches_other_replicas_within_the_cache_ttl(db_session
     assert again.revoked_at == revoked.revoked_at
 
 
-async def test_unknown_keys_are_cached_briefly_and_never_longer_than_the_ttl(db_sessionmaker: Sessions) -> None:
+async def test_unknown_keys_are_cached_briefly_and_never_longer_than_the_ttl(
+    db_sessionmaker: Sessions,
+) -> None:
     clock = Clock()
     here = KeyStore(db_sessionmaker, cache_seconds=0.5, clock=clock)
     there = KeyStore(db_sessionmaker, cache_seconds=0.5, clock=clock)
