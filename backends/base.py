@@ -116,3 +116,11 @@ class Backend(Protocol):
         """
         ...
 
+
+
+@runtime_checkable
+class Preflight(Protocol):
+    """A backend that can tell, before the server starts, whether it will be able to start."""
+
+    def preflight(self) -> None:
+        """Raise `BackendUnavailable` with one clear sentence; load nothing heavy."""

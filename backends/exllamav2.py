@@ -181,9 +181,7 @@ def parse_options(config: ModelEntry) -> ExLlamaV2Options:
 
     max_chunk_size = integer("max_chunk_size", DEFAULT_CHUNK_SIZE, PAGE_SIZE)
     if max_chunk_size % PAGE_SIZE:
-        raise fail(
-            f"exllamav2 option 'max_chunk_size' must be a multiple of {PAGE_SIZE}, not {max_chunk_size}"
-        )
+        raise fail(f"exllamav2 option 'max_chunk_size' must be a multiple of {PAGE_SIZE}, not {max_chunk_size}")
 
     max_batch_size = integer("max_batch_size", config.max_concurrency, 1)
     if max_batch_size * MAX_Q_SIZE > max(max_chunk_size, DEFAULT_CHUNK_SIZE):
@@ -312,9 +310,7 @@ def paged_attention_available() -> bool:
 def check_model_dir(config: ModelEntry) -> Path:
     """The model directory, once it has what exllamav2 0.3.2 loads (config.json, tokenizer.json)."""
     if not config.path:
-        raise BackendUnavailable(
-            f"model {config.name!r}: the exllamav2 backend needs 'path' (a model directory)"
-        )
+        raise BackendUnavailable(f"model {config.name!r}: the exllamav2 backend needs 'path' (a model directory)")
     model_dir = Path(config.path)
     if not model_dir.is_dir():
         raise BackendUnavailable(f"model {config.name!r}: {model_dir} is not a model directory")
@@ -338,9 +334,7 @@ def import_engine(model_name: str) -> SimpleNamespace:
         raise BackendUnavailable(f"{prefix} needs PyTorch with CUDA, which is not installed")
     torch = importlib.import_module("torch")
     if torch.version.cuda is None:
-        raise BackendUnavailable(
-            f"{prefix} needs PyTorch with CUDA, but PyTorch {torch.__version__} has none"
-        )
+        raise BackendUnavailable(f"{prefix} needs PyTorch with CUDA, but PyTorch {torch.__version__} has none")
     if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         raise BackendUnavailable(f"{prefix} needs an NVIDIA GPU, and none is visible to CUDA")
     logger.info("importing exllamav2 (its first import compiles the CUDA extension, which takes minutes)")
@@ -422,9 +416,7 @@ class _Loaded:
 class _GeneratorThread:
     """Owns the model, cache and generator; the only thread that touches them."""
 
-    def __init__(
-        self, engine: SimpleNamespace, model_dir: Path, options: ExLlamaV2Options, name: str
-    ) -> None:
+    def __init__(self, engine: SimpleNamespace, model_dir: Path, options: ExLlamaV2Options, name: str) -> None:
         self._engine = engine
         self._model_dir = model_dir
         self._options = options
@@ -700,6 +692,11 @@ class ExLlamaV2Backend:
     @property
     def capabilities(self) -> BackendCapabilities:
         return self._capabilities
+
+    def preflight(self) -> None:
+        """Fail before serving, with one sentence, when this machine cannot run the model."""
+        check_model_dir(self._config)
+        import_engine(self._config.name)
 
     async def start(self) -> None:
         if self._thread is not None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import importlib.util
 import ctypes
 import random
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from backends.base import (
@@ -25,6 +27,8 @@ from backends.base import (
     SamplingParams,
     TokenDelta,
 )
+
+from backends.llamacpp_logging import route_llama_cpp_logs
 
 if TYPE_CHECKING:
     from gateway.settings import ModelConfig
@@ -81,11 +85,19 @@ class LlamaCppBackend:
     def capabilities(self) -> BackendCapabilities:
         return self._capabilities
 
+    def preflight(self) -> None:
+        """Fail before serving, with one sentence, when the model cannot be loaded here."""
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise BackendUnavailable(f"model {self._config.name!r}: llama-cpp-python is not installed")
+        if not self._config.path or not Path(self._config.path).is_file():
+            raise BackendUnavailable(f"model {self._config.name!r}: GGUF file {self._config.path} does not exist")
+
     async def start(self) -> None:
         try:
             from llama_cpp import Llama
         except ImportError as exc:
             raise BackendUnavailable("llama-cpp-python is not installed") from exc
+        route_llama_cpp_logs()
         path = self._config.path
         if path is None:
             raise BackendUnavailable(f"model {self._config.name!r} has no 'path' to a GGUF file")

@@ -56,6 +56,8 @@ class ScriptedBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
         words = _WORDS.findall(self.reply) or ["."]
+        if not words[0][:1].isspace():
+            words[0] = " " + words[0]  # a repeat of the reply must not glue onto its last word
         self.active += 1
         try:
             produced = 0

@@ -57,9 +57,7 @@ async def open_accounting(settings: Settings) -> Accounting:
     engine, sessionmaker = await open_database(settings.database_url)
     spend_loader = partial(spend_since, sessionmaker)
     limiter: Limiter = (
-        RedisLimiter.from_url(settings.redis_url, spend_loader)
-        if settings.redis_url
-        else MemoryLimiter(spend_loader)
+        RedisLimiter.from_url(settings.redis_url, spend_loader) if settings.redis_url else MemoryLimiter(spend_loader)
     )
     usage = UsageRecorder(sessionmaker, flush_interval_s=settings.usage_flush_interval_ms / 1000)
     usage.start()

@@ -30,9 +30,13 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
     """Serve the OpenAI-compatible API with uvicorn."""
     from gateway.serve import run
 
+    from backends.base import BackendUnavailable
+    from gateway.models import preflight
+
     try:
         settings = load_settings(config_path)
-    except ConfigError as exc:
+        preflight(settings.models)
+    except (ConfigError, BackendUnavailable) as exc:
         raise click.ClickException(str(exc)) from exc
     if host is not None:
         settings.host = host

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from backends.base import Backend
+from backends.base import Backend, Preflight
 from gateway.errors import model_not_found
 from gateway.prompts import Message
 from gateway.prompts.jinja import build_jinja_prompt
@@ -118,3 +118,12 @@ def build_registry(configs: Sequence[ModelConfig], backends: dict[str, Backend] 
         template = None if config.template == "llama-2" else load_chat_template(config)
         runtimes.append(ModelRuntime(config, backend, tokenizer, template))
     return ModelRegistry(runtimes)
+
+
+def preflight(configs: Sequence[ModelConfig]) -> None:
+    """Check every model can be served here, so ``serve`` refuses to start with one clear sentence."""
+    for config in configs:
+        backend = create_backend(config)
+        if isinstance(backend, Preflight):
+            backend.preflight()
+        load_tokenizer(config)

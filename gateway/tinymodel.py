@@ -53,12 +53,14 @@ class LlamaShape:
 
 
 SIZES: dict[Size, LlamaShape] = {
+    # Head size 64 and widths in multiples of 128 suit the GPU kernels; two KV heads per four query
+    # heads give the tiny model 70B's grouped-query attention.
     "tiny": LlamaShape(
-        hidden_size=64,
-        intermediate_size=172,
+        hidden_size=256,
+        intermediate_size=768,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=4,
+        num_key_value_heads=2,
     ),
     "7b": LlamaShape(
         hidden_size=4096,
@@ -151,11 +153,7 @@ def permute_for_gguf(weights: npt.NDArray[Any], n_head: int) -> npt.NDArray[Any]
     GGUF through this permutation makes both files compute the same function.
     """
     rows = weights.shape[0]
-    return (
-        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(weights.shape)
-    )
+    return weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
 
 
 def _tokenizer_data() -> Traversable:
@@ -315,9 +313,7 @@ def _gguf_vocabulary() -> tuple[list[str], list[float], list[int]]:
     import gguf
     import sentencepiece
 
-    sp = sentencepiece.SentencePieceProcessor(
-        model_proto=(_tokenizer_data() / "tokenizer.model").read_bytes()
-    )
+    sp = sentencepiece.SentencePieceProcessor(model_proto=(_tokenizer_data() / "tokenizer.model").read_bytes())
     tokens, scores, types = [], [], []
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
@@ -336,9 +332,7 @@ def _gguf_vocabulary() -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, types
 
 
-def _write_gguf(
-    path: Path, shape: LlamaShape, plan: list[PlannedTensor], seed: int, *, f32: bool, name: str
-) -> Path:
+def _write_gguf(path: Path, shape: LlamaShape, plan: list[PlannedTensor], seed: int, *, f32: bool, name: str) -> Path:
     import gguf
 
     writer = gguf.GGUFWriter(path, "llama")

@@ -210,9 +210,7 @@ class GGUFTokenizer:
         size = max(16, 8 * len(kept))
         while True:
             buffer = ctypes.create_string_buffer(size)
-            written: int = llama_cpp.llama_detokenize(
-                self._vocab, tokens, len(kept), buffer, size, False, False
-            )
+            written: int = llama_cpp.llama_detokenize(self._vocab, tokens, len(kept), buffer, size, False, False)
             if written >= 0:
                 return buffer.raw[:written].decode("utf-8", errors="replace")
             size = -written

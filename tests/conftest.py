@@ -15,17 +15,13 @@ LLAMA2_TOKENIZER = Path(__file__).parent.parent / "gateway" / "data" / "llama2-t
 
 def _reference_tokenizations() -> list[tuple[str, list[int]]]:
     # Bytes, not text mode: some inputs hold "\r", which universal newlines would rewrite.
-    inputs = (
-        (LLAMA2_REFERENCE / "reference.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
-    )
+    inputs = (LLAMA2_REFERENCE / "reference.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")
     outputs = (LLAMA2_REFERENCE / "reference.out").read_bytes().decode("utf-8").split("\n")
     # Both files end with a separator, which leaves one empty entry behind.
     assert inputs[-1] == ""
     assert outputs[-1] == ""
     assert len(inputs) == len(outputs)
-    return [
-        (text, [int(i) for i in ids.split()]) for text, ids in zip(inputs[:-1], outputs[:-1], strict=True)
-    ]
+    return [(text, [int(i) for i in ids.split()]) for text, ids in zip(inputs[:-1], outputs[:-1], strict=True)]
 
 
 @pytest.fixture(scope="session")
@@ -59,9 +55,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Databases and Redis for the accounting tests (db, keys, usage, limits, CLI). Every database test
 # runs on SQLite and on PostgreSQL. A service that is down fails the run under CI and skips elsewhere.
 
-POSTGRES_URL = os.environ.get(
-    "LLAMA_GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_URL = os.environ.get("LLAMA_GATEWAY_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("LLAMA_GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import PostgresServer
 
 from gateway.accounting import ensure_initial_admin_key, initial_key_notice, open_accounting
 from gateway.db import DatabaseBehind
 from gateway.keys import NewKey
 from gateway.limits import MemoryLimiter, RedisLimiter
 from gateway.settings import Settings
+
+if TYPE_CHECKING:
+    from conftest import PostgresServer
 
 
 async def test_first_run_creates_one_admin_key(tmp_path: Path) -> None:

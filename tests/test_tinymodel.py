@@ -55,11 +55,11 @@ def test_config(config: dict[str, Any]) -> None:
     assert config["architectures"] == ["LlamaForCausalLM"]
     assert config["torch_dtype"] == "float16"
     assert {k: config[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")} == {
-        "hidden_size": 64,
-        "intermediate_size": 172,
+        "hidden_size": 256,
+        "intermediate_size": 768,
         "num_hidden_layers": 2,
     }
-    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 4)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (4, 2)
     assert (config["vocab_size"], config["max_position_embeddings"]) == (32000, 4096)
     assert (config["rms_norm_eps"], config["rope_theta"]) == (1e-5, 10000.0)
     assert (config["bos_token_id"], config["eos_token_id"], config["tie_word_embeddings"]) == (1, 2, False)
@@ -79,10 +79,10 @@ def test_safetensors_shapes(weights: Weights) -> None:
     plan = plan_tensors("tiny")
     assert {name: w.shape for name, w in weights.items()} == {t.name: t.shape for t in plan}
     assert {w.dtype for w in weights.values()} == {np.dtype(np.float16)}
-    assert weights["model.layers.1.self_attn.k_proj.weight"].shape == (64, 64)
-    assert weights["model.layers.0.mlp.down_proj.weight"].shape == (64, 172)
+    assert weights["model.layers.1.self_attn.k_proj.weight"].shape == (128, 256)
+    assert weights["model.layers.0.mlp.down_proj.weight"].shape == (256, 768)
     assert np.all(weights["model.norm.weight"] == 1)
-    assert 0.1 < float(weights["lm_head.weight"].std()) < 0.15
+    assert abs(float(weights["lm_head.weight"].std()) - 256**-0.5) < 1e-3
 
 
 def test_output_tokenizers_reproduce_reference(
@@ -106,7 +106,7 @@ def test_gguf_metadata_and_vocabulary(tiny_model_dir: Path, llama2_reference_dir
 
     assert value(model, "general.architecture") == "llama"
     assert value(model, "llama.block_count") == 2
-    assert value(model, "llama.attention.head_count_kv") == 4
+    assert value(model, "llama.attention.head_count_kv") == 2
     assert value(model, "llama.context_length") == 4096
     assert value(model, "tokenizer.ggml.add_bos_token") is True
     for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
@@ -151,11 +151,7 @@ def reference_logits(weights: Weights, config: dict[str, Any], ids: list[int]) -
         h = h + attended @ w[p + "self_attn.o_proj.weight"].T
         x = _rms_norm(h, w[p + "post_attention_layernorm.weight"], eps)
         gate = x @ w[p + "mlp.gate_proj.weight"].T
-        h = (
-            h
-            + (gate / (1 + np.exp(-gate)) * (x @ w[p + "mlp.up_proj.weight"].T))
-            @ w[p + "mlp.down_proj.weight"].T
-        )
+        h = h + (gate / (1 + np.exp(-gate)) * (x @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
     result: npt.NDArray[np.float64] = _rms_norm(h, w["model.norm.weight"], eps) @ w["lm_head.weight"].T
     return result
 
@@ -169,9 +165,7 @@ def test_gguf_runs_in_llama_cpp_and_matches_safetensors(
     ids = build_llama2_prompt(
         [Message("system", "Be brief."), Message("user", "What is the capital of France?")], tokenizer
     )
-    llm = llama_cpp.Llama(
-        str(tiny_model_dir / "model.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False
-    )
+    llm = llama_cpp.Llama(str(tiny_model_dir / "model.gguf"), n_ctx=256, n_threads=2, logits_all=True, verbose=False)
     llm.eval(ids)
     logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
     expected = reference_logits(weights, config, ids)
@@ -184,13 +178,11 @@ def test_gguf_runs_in_llama_cpp_and_matches_safetensors(
     assert generated[0] == int(np.argmax(expected[-1]))
 
 
-def test_same_seed_same_model_any_order(tmp_path: Path) -> None:
+def test_weights_depend_on_seed_and_tensor_name() -> None:
     shape = tinymodel.llama_shape("tiny")
     first, second = plan_tensors("tiny")[2], plan_tensors("tiny")[3]
     assert np.array_equal(tinymodel.tensor_values(first, shape, 7), tinymodel.tensor_values(first, shape, 7))
-    assert not np.array_equal(
-        tinymodel.tensor_values(first, shape, 7), tinymodel.tensor_values(first, shape, 8)
-    )
+    assert not np.array_equal(tinymodel.tensor_values(first, shape, 7), tinymodel.tensor_values(first, shape, 8))
     assert not np.array_equal(
         tinymodel.tensor_values(first, shape, 7)[:64], tinymodel.tensor_values(second, shape, 7)[:64]
     )
@@ -201,7 +193,7 @@ def test_sharded_safetensors(tmp_path: Path, weights: Weights, monkeypatch: pyte
     written = write_tiny_model(tmp_path, formats=("hf",))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) == 3
+    assert len(shards) > 2
     assert all(tmp_path / shard in written for shard in shards)
     assert not (tmp_path / "model.safetensors").exists()
     assert not (tmp_path / "model.gguf").exists()
@@ -209,6 +201,7 @@ def test_sharded_safetensors(tmp_path: Path, weights: Weights, monkeypatch: pyte
     for shard in shards:
         part = load_file(tmp_path / shard)
         assert all(index["weight_map"][name] == shard for name in part)
+        assert len(part) == 1 or sum(w.nbytes for w in part.values()) <= 2 << 20
         loaded.update(part)
     assert index["metadata"]["total_size"] == sum(w.nbytes for w in loaded.values())
     assert loaded.keys() == weights.keys()
@@ -257,9 +250,7 @@ def test_rejects_unknown_format(tmp_path: Path) -> None:
 
 
 def test_cli(tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        main, ["tiny-model", str(tmp_path / "out"), "--format", "gguf", "--seed", "3"]
-    )
+    result = CliRunner().invoke(main, ["tiny-model", str(tmp_path / "out"), "--format", "gguf", "--seed", "3"])
     assert result.exit_code == 0, result.output
     printed = {Path(line).name for line in result.output.splitlines()}
     assert printed == {"tokenizer.model", "tokenizer.json", "README.md", "model.gguf"}

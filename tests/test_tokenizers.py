@@ -39,9 +39,7 @@ def test_reproduces_reference_tokenizations(
         assert llama2_tokenizer.encode(text) == ids, text
 
 
-def test_decode_round_trip(
-    llama2_tokenizer: Tokenizer, reference_tokenizations: list[tuple[str, list[int]]]
-) -> None:
+def test_decode_round_trip(llama2_tokenizer: Tokenizer, reference_tokenizations: list[tuple[str, list[int]]]) -> None:
     for text, ids in reference_tokenizations:
         assert llama2_tokenizer.decode(ids) == text, ids
 
@@ -147,7 +145,17 @@ def test_load_chat_template_named_default(tmp_path: Path) -> None:
 def test_load_chat_template_absent(tmp_path: Path, llama2_reference_dir: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>"}))
     assert load_chat_template(ModelConfig(name="m", backend="exllamav2", path=str(tmp_path))) is None
-    vocab_only = ModelConfig(
-        name="m", backend="llamacpp", path=str(llama2_reference_dir / "vocab-llama-spm.gguf")
-    )
+    vocab_only = ModelConfig(name="m", backend="llamacpp", path=str(llama2_reference_dir / "vocab-llama-spm.gguf"))
     assert load_chat_template(vocab_only) is None
+
+
+def test_missing_gguf_is_a_config_error(tmp_path: Path) -> None:
+    model = ModelConfig(name="m", backend="llamacpp", path=str(tmp_path / "absent.gguf"))
+    with pytest.raises(ConfigError, match=r"absent\.gguf does not exist"):
+        load_tokenizer(model)
+
+
+def test_malformed_tokenizer_json_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").write_text('{"model": 3}')
+    with pytest.raises(ConfigError, match="cannot load tokenizer"):
+        HFTokenizer.from_file(tmp_path / "tokenizer.json")

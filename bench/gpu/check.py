@@ -114,9 +114,7 @@ class Check:
 
     def step(self, name: str, needs_s: float, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
         if self.left() < needs_s:
-            reason = (
-                f"out of time: needs about {needs_s:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
-            )
+            reason = f"out of time: needs about {needs_s:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
             self.report["steps"][name] = {"status": "skipped", "reason": reason}
             log(f"{name}: skipped ({reason})")
             self.save()
@@ -175,9 +173,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "capability": f"{props.major}.{props.minor}",
         "torch_cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
         "model_dir": str(args.model_dir),
-        "model_files_gib": round(
-            sum(p.stat().st_size for p in args.model_dir.glob("*.safetensors")) / 1024**3, 2
-        ),
+        "model_files_gib": round(sum(p.stat().st_size for p in args.model_dir.glob("*.safetensors")) / 1024**3, 2),
     }
     import exllamav2
     import exllamav2.attn
@@ -224,9 +220,7 @@ def bandwidth() -> dict[str, Any]:
         "device_to_device_copy_tb_s": round(2 * size * copies / seconds / 1e12, 3),
         "note": "a copy reads and writes each byte: both are counted",
         "nominal_tb_s": nominal / 1e12 if nominal else None,
-        "nominal_source": f"datasheet value for {name}"
-        if nominal
-        else f"no datasheet value known for {name}",
+        "nominal_source": f"datasheet value for {name}" if nominal else f"no datasheet value known for {name}",
     }
 
 
@@ -601,6 +595,19 @@ def conformance(gateway: Gateway) -> dict[str, Any]:
             "stream": {"finish_reason": finish, "ok": stream_ok, "contains_stop": stop in text},
         }
 
+    def eos_not_counted() -> dict[str, Any]:
+        # A +100 bias on EOS ends generation as soon as min_tokens lets it: at token 6, uncounted.
+        forced = {"max_tokens": 20, "extra_body": {"min_tokens": 5}, "logit_bias": {str(EOS_ID): 100}}
+        reply = chat(client, question, **forced)
+        _, finish, usage = collect_stream(client, question, **forced)
+        plain = (reply.choices[0].finish_reason, reply.usage.completion_tokens)
+        streamed = (finish, usage.completion_tokens if usage else None)
+        return {
+            "passed": plain == ("stop", 5) and streamed == ("stop", 5),
+            "plain": {"finish_reason": plain[0], "completion_tokens": plain[1]},
+            "stream": {"finish_reason": streamed[0], "completion_tokens": streamed[1]},
+        }
+
     def cancellation() -> dict[str, Any]:
         long = chat(client, "Write a very long story.", max_tokens=3000, stream=True,
                     extra_body={"min_tokens": 3000})  # fmt: skip
@@ -642,6 +649,7 @@ def conformance(gateway: Gateway) -> dict[str, Any]:
     record("chat", plain)
     record("chat_stream", streamed)
     record("stop_sequence", stop_sequence)
+    record("eos_not_counted", eos_not_counted)
     record("cancellation", cancellation)
     record("concurrent_4", concurrent)
     return {"passed": all(c.get("passed") for c in checks.values()), "checks": checks}
@@ -675,9 +683,7 @@ def hf_transformers(model_dir: Path) -> dict[str, Any]:
     import transformers
 
     started = time.monotonic()
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float16, device_map="cuda"
-    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float16, device_map="cuda")
     model.eval()
     load_seconds = time.monotonic() - started
     prompt = torch.tensor([random_prompt_ids(random.Random(2), PROMPT_TOKENS)], device="cuda")
@@ -733,9 +739,7 @@ def bandwidth_fraction(report: dict[str, Any], model_dir: Path) -> dict[str, Any
         for label, bw in (("measured", measured), ("nominal", nominal)):
             if bw:
                 entry[f"fraction_of_{label}_weights_only"] = rate * bytes_["read_per_token"] / (bw * 1e12)
-                entry[f"fraction_of_{label}_with_kv"] = (
-                    rate * (bytes_["read_per_token"] + kv_mean) / (bw * 1e12)
-                )
+                entry[f"fraction_of_{label}_with_kv"] = rate * (bytes_["read_per_token"] + kv_mean) / (bw * 1e12)
         result[name] = entry
     return result
 

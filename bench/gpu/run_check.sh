@@ -21,6 +21,8 @@ DEADLINE=$((START + BUDGET_S))
 WORK=/tmp/gpu-check
 MODEL_DIR=$WORK/llama-2-7b-random
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16
+# One build directory for this script, check.py and the gateway it starts.
+export TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 mkdir -p "$WORK"
 
 log() { echo "[$(date +%H:%M:%S) +$(($(date +%s) - START))s] $*"; }
@@ -36,7 +38,7 @@ PY
     exit 1
 }
 
-log "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -3)"
+log "budget ${BUDGET_S}s; GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | head -3)"
 python3 -c 'import sys, torch; assert torch.cuda.is_available(), "no CUDA GPU visible"; print(sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' \
     || fail "python3 has no torch with a visible CUDA GPU"
 command -v nvcc >/dev/null || fail "nvcc is not on PATH (exllamav2 builds its extension with it)"
@@ -51,18 +53,26 @@ export PYTHONPATH=/tmp/site:$PWD
 WHEELS_S=$(($(date +%s) - t))
 log "installed $(ls .whl/*.whl | wc -l) wheels in ${WHEELS_S}s"
 
-# The model is written (one CPU core, disk) while the extension compiles (the other cores).
-t_model=$(date +%s)
+# The model is written (one CPU core, disk) while the extension compiles (the other cores). A rerun
+# on the same machine reuses both.
 python3 -c "
-import sys
+import sys, time
+from pathlib import Path
 from gateway.tinymodel import write_tiny_model
-write_tiny_model(sys.argv[1], size='7b', seed=0, formats=('hf',))
+out, done = Path(sys.argv[1]), Path(sys.argv[1]) / '.complete'
+started = time.monotonic()
+if not done.is_file():
+    write_tiny_model(out, size='7b', seed=0, formats=('hf',))
+    done.write_text('')
+(out.parent / 'model.seconds').write_text(str(round(time.monotonic() - started)))
 " "$MODEL_DIR" > "$WORK/model.log" 2>&1 &
 MODEL_PID=$!
 
-log "building exllamav2's CUDA extension (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+BUILD_LIMIT=$((DEADLINE - $(date +%s) - 120))
+[ "$BUILD_LIMIT" -gt 60 ] || fail "GPU_CHECK_BUDGET_S=$BUDGET_S leaves no time to build the extension"
+log "building exllamav2's CUDA extension (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS, at most ${BUILD_LIMIT}s)"
 t=$(date +%s)
-timeout $((DEADLINE - $(date +%s) - 120)) python3 -c 'import exllamav2.ext' > "$WORK/build.log" 2>&1
+timeout "$BUILD_LIMIT" python3 -c 'import exllamav2.ext' > "$WORK/build.log" 2>&1
 BUILD_RC=$?
 BUILD_S=$(($(date +%s) - t))
 if [ $BUILD_RC -ne 0 ]; then
@@ -72,11 +82,13 @@ fi
 log "extension built in ${BUILD_S}s"
 
 wait "$MODEL_PID" || fail "writing the random 7B model" "$(tail -20 "$WORK/model.log")"
-MODEL_S=$(($(date +%s) - t_model))
+MODEL_S=$(cat "$WORK/model.seconds")
 log "7B model written in ${MODEL_S}s: $(du -sh "$MODEL_DIR" | cut -f1) in $MODEL_DIR"
 
 echo "{\"wheel_install_s\": $WHEELS_S, \"extension_build_s\": $BUILD_S, \"model_write_s\": $MODEL_S}" > "$WORK/timings.json"
-timeout $((DEADLINE - $(date +%s) + 30)) python3 bench/gpu/check.py --out "$OUT" --model-dir "$MODEL_DIR" \
+CHECK_LIMIT=$((DEADLINE - $(date +%s) + 30))
+[ "$CHECK_LIMIT" -gt 30 ] || fail "the set-up used the whole budget of ${BUDGET_S}s"
+timeout "$CHECK_LIMIT" python3 bench/gpu/check.py --out "$OUT" --model-dir "$MODEL_DIR" \
     --work "$WORK" --deadline "$DEADLINE" --timings "$WORK/timings.json"
 RC=$?
 log "check.py exited with $RC after $(($(date +%s) - START))s in all"

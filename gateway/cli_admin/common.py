@@ -51,9 +51,7 @@ def run_async[**P](command: Callable[P, Coroutine[Any, Any, None]]) -> Callable[
     return wrapper
 
 
-async def with_database[T](
-    settings: Settings, work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]
-) -> T:
+async def with_database[T](settings: Settings, work: Callable[[async_sessionmaker[AsyncSession]], Awaitable[T]]) -> T:
     from gateway.accounting import open_database
 
     engine, sessionmaker = await open_database(settings.database_url)

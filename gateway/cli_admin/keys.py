@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -21,47 +20,9 @@ from gateway.cli_admin.common import (
     settings_from,
     with_database,
 )
+from gateway.cli_admin.key_rows import key_row, key_summary, show_key
 from gateway.keys import ApiKeyInfo, KeyNotFound, KeyStore, KeyUpdate, NewKey
 from gateway.output import emit
-from gateway.usage import format_usd
-
-
-def _status(info: ApiKeyInfo) -> str:
-    if info.revoked_at is not None:
-        return "revoked"
-    return "active" if info.is_usable(datetime.now(UTC)) else "expired"
-
-
-def _row(info: ApiKeyInfo) -> dict[str, Any]:
-    """One flat row: the same fields in the table, JSON and CSV."""
-    return {
-        "id": info.id,
-        "name": info.name,
-        "prefix": info.prefix,
-        "scope": info.scope,
-        "status": _status(info),
-        "owner": info.owner,
-        "models": "all" if info.allowed_models is None else ",".join(info.allowed_models),
-        "rpm": info.rpm,
-        "tpm": info.tpm,
-        "max_concurrency": info.max_concurrency,
-        "budget_usd": None if info.budget_usd is None else format_usd(info.budget_usd),
-        "budget_period": info.budget_period,
-        "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
-        "revoked_at": None if info.revoked_at is None else info.revoked_at.isoformat(),
-        "created_at": info.created_at.isoformat(),
-        "metadata": json.dumps(info.metadata, sort_keys=True) if info.metadata else None,
-    }
-
-
-def _show(info: ApiKeyInfo, fmt: str) -> None:
-    row = _row(info)
-    if fmt == "json":
-        click.echo(json.dumps({**row, "metadata": info.metadata}, indent=2))
-    elif fmt == "csv":
-        emit([row], "csv")
-    else:
-        emit([{"field": k, "value": "" if v is None else v} for k, v in row.items()], "table")
 
 
 def _metadata(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -72,6 +33,18 @@ def _metadata(pairs: tuple[str, ...]) -> dict[str, str]:
             raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--metadata")
         metadata[name] = value
     return metadata
+
+
+async def _find(store: KeyStore, given: str) -> ApiKeyInfo:
+    """The key whose id is ``given`` or, uniquely, begins with it (tables show 8 characters)."""
+    if (exact := await store.get(given)) is not None:
+        return exact
+    matches = [info for info in await store.list() if info.id.startswith(given)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise KeyNotFound(f"{given!r} begins {len(matches)} key ids; give more of the id")
+    raise KeyNotFound(f"no API key has id {given!r}")
 
 
 @click.group()
@@ -124,7 +97,7 @@ async def create(config_path: str | None, name: str, as_json: bool, **options: A
         settings_from(config_path), lambda sm: KeyStore(sm, cache_seconds=0).create(new)
     )
     if as_json:
-        click.echo(json.dumps({"key": plaintext, **_row(info), "metadata": info.metadata}, indent=2))
+        click.echo(json.dumps({"key": plaintext, **key_row(info), "metadata": info.metadata}, indent=2))
         return
     click.echo(f"Created key {info.id} ({info.name}, scope {info.scope}).")
     click.echo("This is the only time the key is shown. Store it now:\n")
@@ -141,7 +114,8 @@ async def list_keys(config_path: str | None, include_revoked: bool, fmt: str) ->
     found = await with_database(
         settings_from(config_path), lambda sm: KeyStore(sm).list(include_revoked=include_revoked)
     )
-    emit([_row(info) for info in found], fmt, title="API keys")
+    rows = [key_summary(info) if fmt == "table" else key_row(info) for info in found]
+    emit(rows, fmt, title="API keys")
 
 
 @keys.command()
@@ -151,10 +125,8 @@ async def list_keys(config_path: str | None, include_revoked: bool, fmt: str) ->
 @run_async
 async def show(config_path: str | None, key_id: str, fmt: str) -> None:
     """Show one key's fields."""
-    info = await with_database(settings_from(config_path), lambda sm: KeyStore(sm).get(key_id))
-    if info is None:
-        raise KeyNotFound(f"no API key has id {key_id!r}")
-    _show(info, fmt)
+    info = await with_database(settings_from(config_path), lambda sm: _find(KeyStore(sm), key_id))
+    show_key(info, fmt)
 
 
 @keys.command()
@@ -170,8 +142,12 @@ async def update(config_path: str | None, key_id: str, fmt: str, **options: Any)
     if not changes:
         raise click.UsageError("give at least one option to change")
     update = msgspec.convert(changes, KeyUpdate)
-    info = await with_database(settings_from(config_path), lambda sm: KeyStore(sm).update(key_id, update))
-    _show(info, fmt)
+
+    async def change(store: KeyStore) -> ApiKeyInfo:
+        return await store.update((await _find(store, key_id)).id, update)
+
+    info = await with_database(settings_from(config_path), lambda sm: change(KeyStore(sm)))
+    show_key(info, fmt)
 
 
 @keys.command()
@@ -181,8 +157,12 @@ async def update(config_path: str | None, key_id: str, fmt: str, **options: Any)
 @run_async
 async def revoke(config_path: str | None, key_id: str, fmt: str) -> None:
     """Revoke a key: every replica refuses it within a few seconds (key_cache_seconds)."""
-    info = await with_database(settings_from(config_path), lambda sm: KeyStore(sm).revoke(key_id))
+
+    async def revoke_found(store: KeyStore) -> ApiKeyInfo:
+        return await store.revoke((await _find(store, key_id)).id)
+
+    info = await with_database(settings_from(config_path), lambda sm: revoke_found(KeyStore(sm)))
     if fmt == "table":
         click.echo(f"Revoked key {info.id} ({info.name}, {info.prefix}).")
     else:
-        _show(info, fmt)
+        show_key(info, fmt)

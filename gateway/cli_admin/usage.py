@@ -32,16 +32,16 @@ class Moment(click.ParamType[datetime]):
             self.fail(f"{value!r} is not an ISO date (2025-01-31) or date-time", param, ctx)
 
 
-def _row(totals: UsageTotals, group_by: GroupBy) -> dict[str, object]:
+def _row(totals: UsageTotals, group_by: GroupBy, *, for_table: bool) -> dict[str, object]:
+    amounts = (totals.input_cost, totals.output_cost, totals.total_cost)
+    names = ("input $", "output $", "total $") if for_table else ("input_usd", "output_usd", "total_usd")
     return {
         group_by: totals.group,
         **({"name": totals.label} if group_by == "key" else {}),
         "requests": totals.requests,
-        "prompt_tokens": totals.prompt_tokens,
-        "completion_tokens": totals.completion_tokens,
-        "input_usd": format_usd(totals.input_cost),
-        "output_usd": format_usd(totals.output_cost),
-        "total_usd": format_usd(totals.total_cost),
+        ("prompt" if for_table else "prompt_tokens"): totals.prompt_tokens,
+        ("completion" if for_table else "completion_tokens"): totals.completion_tokens,
+        **{name: format_usd(amount) for name, amount in zip(names, amounts, strict=True)},
     }
 
 
@@ -76,8 +76,9 @@ async def report(
     if fmt == "json":
         click.echo(json.dumps(result.as_dict(), indent=2))
         return
-    rows = [_row(totals, group_by) for totals in result.rows]
-    total = _row(result.total, group_by)
+    for_table = fmt == "table"
+    rows = [_row(totals, group_by, for_table=for_table) for totals in result.rows]
+    total = _row(result.total, group_by, for_table=for_table)
     # The total is a row of its own in CSV and tables, so that spreadsheets and eyes find it alike.
     emit([*rows, total], fmt, title=f"Usage by {group_by}")
 

@@ -52,9 +52,7 @@ def display_prefix(plaintext: str) -> str:
 def check_preset_key(plaintext: str) -> None:
     """An operator-chosen key (the initial admin key) must still look like and be hard to guess."""
     if not _PRESET_KEY.fullmatch(plaintext):
-        raise InvalidKeyFields(
-            "a preset key must be 'sk-' followed by at least 16 letters, digits, '-' or '_'"
-        )
+        raise InvalidKeyFields("a preset key must be 'sk-' followed by at least 16 letters, digits, '-' or '_'")
 
 
 class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,9 +122,7 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_d
 
     def changes(self) -> dict[str, Any]:
         return {
-            field: value
-            for field in self.__struct_fields__
-            if (value := getattr(self, field)) is not msgspec.UNSET
+            field: value for field in self.__struct_fields__ if (value := getattr(self, field)) is not msgspec.UNSET
         }
 
 

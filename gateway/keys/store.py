@@ -92,9 +92,7 @@ class KeyStore:
             row = self._add(session, new, plaintext)
         return _snapshot(row), plaintext
 
-    async def create_first(
-        self, new: NewKey, *, plaintext: str | None = None
-    ) -> tuple[ApiKeyInfo, str] | None:
+    async def create_first(self, new: NewKey, *, plaintext: str | None = None) -> tuple[ApiKeyInfo, str] | None:
         """Create the key only if no key exists yet (one winner among replicas starting together)."""
         new, plaintext = self._prepare(new, plaintext)
         async with self._sessionmaker.begin() as session:

@@ -72,9 +72,7 @@ def format_reset(seconds: float) -> str:
     return f"{int(minutes)}m{text}" if minutes else text
 
 
-def rate_headers(
-    rpm: int | None, requests_left: float, tpm: int | None, tokens_left: float
-) -> dict[str, str]:
+def rate_headers(rpm: int | None, requests_left: float, tpm: int | None, tokens_left: float) -> dict[str, str]:
     """Headers for buckets that refill continuously and are full again after one minute."""
     headers: dict[str, str] = {}
     if rpm is not None:
@@ -107,9 +105,7 @@ def requests_exceeded(key: ApiKeyInfo, retry_after: float, headers: Mapping[str,
     )
 
 
-def tokens_exceeded(
-    key: ApiKeyInfo, requested: int, retry_after: float, headers: Mapping[str, str]
-) -> ApiError:
+def tokens_exceeded(key: ApiKeyInfo, requested: int, retry_after: float, headers: Mapping[str, str]) -> ApiError:
     if key.tpm is not None and requested > key.tpm:
         return ApiError(
             429,

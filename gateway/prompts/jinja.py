@@ -37,16 +37,12 @@ def _tojson(
     separators: tuple[str, str] | None = None,
     sort_keys: bool = False,
 ) -> str:
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -90,11 +86,10 @@ def render_chat_template(
 def build_jinja_prompt(template: str, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
     """The prompt ids: the rendered template with its special-token text parsed into ids.
 
-    BOS is present only where the template renders it, as in llama.cpp and ``transformers``. Special
-    tokens are parsed in the whole rendered text, message contents included, as those two do; the
-    llama-2 template is the one that keeps user text plain by construction.
+    BOS is present only where the template renders it, as with ``transformers``' tokenized
+    ``apply_chat_template``. Special-token text is parsed in the whole rendered text, message contents
+    included, as ``transformers`` and the llama.cpp server both do; the llama-2 template is the one
+    that keeps user text plain by construction.
     """
-    text = render_chat_template(
-        template, messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token
-    )
+    text = render_chat_template(template, messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
     return tokenizer.encode_with_special(text)

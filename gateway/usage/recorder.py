@@ -157,10 +157,11 @@ class UsageRecorder:
 
     def _fail(self, pending: list[_Pending], cause: BaseException) -> None:
         for entry, future in pending:
+            if future.done():
+                continue  # committed before whatever stopped the writer
             self.rejected += 1
             logger.error("usage row for request %s not recorded: %s", entry.request_id, cause)
-            if not future.done():
-                # One exception object per waiter: raising it in many tasks would tangle its traceback.
-                error = UsageNotRecorded(f"usage row for request {entry.request_id} not committed: {cause}")
-                error.__cause__ = cause
-                future.set_exception(error)
+            # One exception object per waiter: raising it in many tasks would tangle its traceback.
+            error = UsageNotRecorded(f"usage row for request {entry.request_id} not committed: {cause}")
+            error.__cause__ = cause
+            future.set_exception(error)

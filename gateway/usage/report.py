@@ -150,9 +150,7 @@ async def usage_report(
     return UsageReport(group_by, rows, total)
 
 
-async def spend_since(
-    sessionmaker: async_sessionmaker[AsyncSession], key_id: str, since: datetime | None
-) -> Decimal:
+async def spend_since(sessionmaker: async_sessionmaker[AsyncSession], key_id: str, since: datetime | None) -> Decimal:
     """What a key has spent since ``since`` (ever, if None): seeds the limiter's budget tracking."""
     query = select(func.sum(UsageRecord.input_cost), func.sum(UsageRecord.output_cost)).where(
         *_where(key_id, None, since, None)

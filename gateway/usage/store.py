@@ -29,11 +29,7 @@ async def insert_entries(
     async with sessionmaker.begin() as session:
         dialect = (await session.connection()).dialect.name
         insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = (
-            insert(_table)
-            .on_conflict_do_nothing(index_elements=["request_id"])
-            .returning(_table.c.request_id)
-        )
+        statement = insert(_table).on_conflict_do_nothing(index_elements=["request_id"]).returning(_table.c.request_id)
         result = await session.execute(statement, [entry.row() for entry in entries])
         inserted = set(result.scalars().all())
         already = {entry.request_id: entry for entry in entries if entry.request_id not in inserted}

@@ -40,9 +40,7 @@ def upgrade() -> None:
         sa.Column("revoked_at", UtcDateTime(), nullable=True),
         sa.Column("created_at", UtcDateTime(), nullable=False),
         sa.CheckConstraint("scope IN ('admin', 'user')", name=op.f("ck_api_keys_scope")),
-        sa.CheckConstraint(
-            "budget_period IN ('total', 'daily', 'monthly')", name=op.f("ck_api_keys_budget_period")
-        ),
+        sa.CheckConstraint("budget_period IN ('total', 'daily', 'monthly')", name=op.f("ck_api_keys_budget_period")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_api_keys")),
         sa.UniqueConstraint("key_hash", name=op.f("uq_api_keys_key_hash")),
     )

@@ -97,9 +97,7 @@ def model_config(**options: Any) -> ModelConfig:
 
 
 def test_defaults_follow_the_model_entry() -> None:
-    config = ModelConfig(
-        name="m", backend="exllamav2", path="/m", context_length=4096, max_concurrency=4, options={}
-    )
+    config = ModelConfig(name="m", backend="exllamav2", path="/m", context_length=4096, max_concurrency=4, options={})
     options = parse_options(config)
     assert options == exl_backend.ExLlamaV2Options(
         max_seq_len=4096,
@@ -226,9 +224,7 @@ def test_capabilities_before_start(monkeypatch: pytest.MonkeyPatch) -> None:
     ("version", "expected"),
     [("2.5.7", True), ("2.8.3+cu130torch2.11", True), ("2.5.6", False), ("2.4.2", False)],
 )
-def test_paged_attention_needs_flash_attn_2_5_7(
-    monkeypatch: pytest.MonkeyPatch, version: str, expected: bool
-) -> None:
+def test_paged_attention_needs_flash_attn_2_5_7(monkeypatch: pytest.MonkeyPatch, version: str, expected: bool) -> None:
     monkeypatch.delenv("EXLLAMA_NO_FLASH_ATTN", raising=False)
     monkeypatch.setattr(exl_backend.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(exl_backend.importlib.metadata, "version", lambda name: version)
@@ -390,9 +386,7 @@ def gpu_stack_present() -> bool:
 
 
 @pytest.mark.skipif(gpu_stack_present(), reason="this machine has exllamav2, torch and a GPU")
-async def test_start_on_this_machine_fails_with_one_sentence(
-    tmp_path: Path, llama2_tokenizer_dir: Path
-) -> None:
+async def test_start_on_this_machine_fails_with_one_sentence(tmp_path: Path, llama2_tokenizer_dir: Path) -> None:
     model_dir = write_model_dir(tmp_path / "model", llama2_tokenizer_dir)
     backend = ExLlamaV2Backend(ModelConfig(name="llama-2-70b-chat", backend="exllamav2", path=str(model_dir)))
     with pytest.raises(BackendUnavailable) as caught:
@@ -604,9 +598,7 @@ def fake_engine(calls: list[tuple[Any, ...]], *, paged_attention: bool = False) 
         def load_autosplit(self, cache: Any, reserve_vram: Any = None) -> None:
             calls.append(("load_autosplit", type(cache).__name__, cache.lazy, reserve_vram))
 
-        def load_tp(
-            self, gpu_split: Any = None, expect_cache_tokens: int = 0, expect_cache_base: Any = None
-        ) -> None:
+        def load_tp(self, gpu_split: Any = None, expect_cache_tokens: int = 0, expect_cache_base: Any = None) -> None:
             calls.append(("load_tp", gpu_split, expect_cache_tokens, expect_cache_base.__name__))
 
         def unload(self) -> None:
@@ -690,9 +682,7 @@ def ids_of(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
 
-async def test_stream_text_and_counts(
-    calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any
-) -> None:
+async def test_stream_text_and_counts(calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any) -> None:
     FakeGenerator.script = [*ids_of(hf_tokenizer, "Paris costs 5 €, café 🦙."), EOS]
     backend = await started(model_dir)
     try:
@@ -728,9 +718,7 @@ async def test_held_character_is_counted_when_eos_follows(
     assert deltas[-1].finish_reason == "stop"
 
 
-async def test_length_and_min_tokens(
-    calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any
-) -> None:
+async def test_length_and_min_tokens(calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any) -> None:
     FakeGenerator.script = [EOS, *ids_of(hf_tokenizer, "a b c d e f g h"), EOS]
     backend = await started(model_dir)
     try:
@@ -830,14 +818,10 @@ async def test_logit_bias_becomes_a_padded_tensor(calls: list[tuple[Any, ...]], 
     assert bias.values[3] == 2.5
 
 
-async def test_requests_beyond_max_seq_len_fail_clearly(
-    calls: list[tuple[Any, ...]], model_dir: Path
-) -> None:
+async def test_requests_beyond_max_seq_len_fail_clearly(calls: list[tuple[Any, ...]], model_dir: Path) -> None:
     backend = await started(model_dir, max_seq_len=1024)
     try:
-        with pytest.raises(
-            GenerationFailed, match="1000 prompt tokens \\+ 100 new tokens exceed max_seq_len 1024"
-        ):
+        with pytest.raises(GenerationFailed, match="1000 prompt tokens \\+ 100 new tokens exceed max_seq_len 1024"):
             await collect(backend, request([1] * 1000, max_tokens=100))
     finally:
         await backend.stop()
@@ -862,9 +846,7 @@ async def test_unpaged_mode_runs_one_sequence(calls: list[tuple[Any, ...]], mode
 
 async def test_paged_mode_batches(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> None:
     recorded: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(
-        exl_backend, "import_engine", lambda name: fake_engine(recorded, paged_attention=True)
-    )
+    monkeypatch.setattr(exl_backend, "import_engine", lambda name: fake_engine(recorded, paged_attention=True))
     FakeGenerator.instances.clear()
     backend = await started(model_dir, max_batch_size=8, cache_mode="q4")
     await backend.stop()
@@ -926,8 +908,8 @@ async def test_loading_follows_the_options(
 # The GPU check's files
 
 
-def test_gpu_check_scripts_parse() -> None:
-    py_compile.compile(str(GPU_CHECK / "check.py"), doraise=True)
+def test_gpu_check_scripts_parse(tmp_path: Path) -> None:
+    py_compile.compile(str(GPU_CHECK / "check.py"), cfile=str(tmp_path / "check.pyc"), doraise=True)
     for script in ("run_check.sh", "fetch_wheels.sh"):
         subprocess.run(["bash", "-n", str(GPU_CHECK / script)], check=True)
 

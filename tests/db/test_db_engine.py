@@ -4,7 +4,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import insert, inspect, select, text
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection, insert, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -21,7 +23,7 @@ from gateway.db import (
     pending_migrations,
     upgrade_database,
 )
-from gateway.db.models import ApiKey
+from gateway.db.models import ApiKey, Base
 
 
 async def test_upgrade_creates_tables_and_report_indexes(db_url: str) -> None:
@@ -171,5 +173,19 @@ async def test_timestamps_come_back_aware_and_in_utc(db_url_migrated: str) -> No
         naive = _key_row(id="k2", key_hash="g" * 64, created_at=datetime(2025, 1, 1))
         with pytest.raises(Exception, match="naive"):
             await _insert_key(sessionmaker, naive)
+    finally:
+        await engine.dispose()
+
+
+async def test_the_migrations_build_exactly_the_models(db_url_migrated: str) -> None:
+    engine = make_engine(db_url_migrated)
+
+    def differences(connection: Connection) -> list[object]:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+    try:
+        async with engine.connect() as connection:
+            assert await connection.run_sync(differences) == []
     finally:
         await engine.dispose()

@@ -52,9 +52,7 @@ class Backend:
 def backend(request: pytest.FixtureRequest) -> Backend:
     """The limiter's kind; for Redis, the server and a key prefix of this test's own."""
     if request.param == "redis":
-        return Backend(
-            "redis", request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix")
-        )
+        return Backend("redis", request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix"))
     return Backend("memory")
 
 

@@ -33,9 +33,7 @@ async def refused(admitting: asyncio.Future[Admission] | object) -> ApiError:
     return caught.value
 
 
-async def test_a_key_without_limits_is_admitted_without_headers(
-    make_limiter: MakeLimiter, make_key: MakeKey
-) -> None:
+async def test_a_key_without_limits_is_admitted_without_headers(make_limiter: MakeLimiter, make_key: MakeKey) -> None:
     admission = await make_limiter().admit(make_key(), max_tokens=10**9, worst_case_cost=Decimal(10**6))
     assert admission.headers == {}
     await admission.settle(10, CENT)

@@ -68,9 +68,7 @@ def test_bos_only_where_the_template_renders_it(smollm2_tokenizer: GGUFTokenizer
 
 def test_raise_exception_is_a_prompt_error() -> None:
     template = (
-        "{% if messages[0].role != 'user' %}"
-        "{{ raise_exception('Conversations must start with user') }}"
-        "{% endif %}"
+        "{% if messages[0].role != 'user' %}{{ raise_exception('Conversations must start with user') }}{% endif %}"
     )
     with pytest.raises(PromptError, match=r"^Conversations must start with user$") as raised:
         render(template, [Message("assistant", "x")])
@@ -95,19 +93,13 @@ def test_invalid_template_is_a_config_error() -> None:
 
 def test_trim_and_lstrip_blocks() -> None:
     template = (
-        "{% for m in messages %}\n"
-        "    {% if m.role == 'user' %}\n"
-        "[{{ m.content }}]\n"
-        "    {% endif %}\n"
-        "{% endfor %}"
+        "{% for m in messages %}\n    {% if m.role == 'user' %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}"
     )
     assert render(template, [Message("user", "a"), Message("user", "b")]) == "[a]\n[b]\n"
 
 
 def test_globals_and_filters() -> None:
-    template = (
-        "{{ messages | tojson }}|{{ strftime_now('%Y') }}|{% for m in messages %}{% break %}{% endfor %}"
-    )
+    template = "{{ messages | tojson }}|{{ strftime_now('%Y') }}|{% for m in messages %}{% break %}{% endfor %}"
     year = str(datetime.datetime.now().year)
     assert render(template, [Message("user", "Äpfel")]) == f'[{{"role": "user", "content": "Äpfel"}}]|{year}|'
 

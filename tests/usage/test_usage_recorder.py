@@ -144,9 +144,7 @@ async def test_a_database_that_keeps_failing_is_reported_to_every_waiter(db_url:
     recorder = UsageRecorder(make_sessionmaker(engine), retry_delays_s=FAST_RETRIES)
     recorder.start()
     try:
-        results = await asyncio.gather(
-            *(recorder.record(make_entry("k")) for _ in range(3)), return_exceptions=True
-        )
+        results = await asyncio.gather(*(recorder.record(make_entry("k")) for _ in range(3)), return_exceptions=True)
     finally:
         await recorder.aclose()
         await engine.dispose()

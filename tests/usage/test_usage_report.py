@@ -16,9 +16,7 @@ DAY2 = datetime(2025, 3, 2, 0, 0, tzinfo=UTC)
 PRICE_IN, PRICE_OUT = Decimal("0.65"), Decimal("2.75")
 
 
-def entry(
-    number: int, key_id: str, model: str, started: datetime, prompt: int, completion: int
-) -> UsageEntry:
+def entry(number: int, key_id: str, model: str, started: datetime, prompt: int, completion: int) -> UsageEntry:
     return UsageEntry(
         request_id=f"req-{number}",
         key_id=key_id,
@@ -49,9 +47,7 @@ async def keys(db_sessionmaker: Sessions) -> tuple[str, str]:
     return alice.id, bob.id
 
 
-async def test_grouped_by_key_with_names_and_exact_totals(
-    db_sessionmaker: Sessions, keys: tuple[str, str]
-) -> None:
+async def test_grouped_by_key_with_names_and_exact_totals(db_sessionmaker: Sessions, keys: tuple[str, str]) -> None:
     alice, bob = keys
     report = await usage_report(db_sessionmaker, group_by="key")
     by_key = {row.group: row for row in report.rows}
