@@ -12,14 +12,21 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from backends.base import Backend
 from gateway.accounting import ensure_initial_admin_key, initial_key_notice, open_accounting
+from gateway.api.admin import ADMIN_ROUTES
 from gateway.api.health import health, ready
+from gateway.api.metrics import metrics
 from gateway.api.openai import OPENAI_ROUTES
+from gateway.api.replicate import REPLICATE_ROUTES
+from gateway.api.usage import own_usage
 from gateway.auth import require_api_key
 from gateway.billing import AccountingMetering
 from gateway.errors import ApiError
+from gateway.logging import litestar_logging_config
 from gateway.metering import Metering
 from gateway.middleware import RequestIdMiddleware
 from gateway.models import ModelRegistry, build_registry
+from gateway.observe import OBSERVABILITY_KEY, Observability
+from gateway.replicate.runner import close_predictions
 from gateway.settings import Settings
 from gateway.state import STATE_KEY, GatewayState
 
@@ -71,9 +78,10 @@ def create_app(
     state = GatewayState(settings=settings, models=registry)
     if metering is not None:
         state.metering = metering
+    observability = Observability(settings, state)
 
     @asynccontextmanager
-    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
         accounting = await open_accounting(settings)
         try:
             state.accounting = accounting
@@ -90,21 +98,24 @@ def create_app(
                 yield
             finally:
                 state.ready = False
+                # Predictions run in the background: finish (and bill) them before engines stop.
+                await close_predictions(app)
                 await registry.stop()
         finally:
             await accounting.aclose()
 
     return Litestar(
-        route_handlers=[health, ready, *OPENAI_ROUTES],
-        middleware=[RequestIdMiddleware],
+        route_handlers=[health, ready, metrics, *OPENAI_ROUTES, REPLICATE_ROUTES, ADMIN_ROUTES, own_usage],
+        middleware=[RequestIdMiddleware, *observability.middleware],
         guards=[require_api_key],
         exception_handlers={
             ApiError: _api_error_response,
             HTTPException: _http_error_response,
             Exception: _unexpected_error_response,
         },
-        lifespan=[lifespan],
-        state=State({STATE_KEY: state}),
+        lifespan=[lifespan, observability.lifespan],
+        state=State({STATE_KEY: state, OBSERVABILITY_KEY: observability}),
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
+        logging_config=litestar_logging_config(),
     )

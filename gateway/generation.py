@@ -37,6 +37,10 @@ class Generation:
     completion_tokens: int = 0
     started_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    token_gaps_s: list[float] = field(default_factory=list)
+    """Seconds between consecutive tokens of a choice: the inter-token latency the client saw."""
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    """The text given out for each choice (logged only when content logging is on)."""
     finish_reasons: dict[int, FinishReason] = field(default_factory=dict)
     stop_sequence_hit: bool = False
 
@@ -63,9 +67,15 @@ class Generation:
             request = GenerationRequest(self.request_id, self.prompt_ids, self._choice_sampling(index))
             matcher = StopMatcher(self.stops)
             async with contextlib.aclosing(self.runtime.backend.generate(request)) as stream:
+                last_token_at: float | None = None
                 async for delta in stream:
-                    if delta.tokens and self.first_token_at is None:
-                        self.first_token_at = time.monotonic()
+                    if delta.tokens:
+                        now = time.monotonic()
+                        if self.first_token_at is None:
+                            self.first_token_at = now
+                        if last_token_at is not None:
+                            self.token_gaps_s.extend([(now - last_token_at) / delta.tokens] * delta.tokens)
+                        last_token_at = now
                     self.completion_tokens += delta.tokens
                     text, hit = matcher.feed(delta.text)
                     if hit:
@@ -85,6 +95,7 @@ class Generation:
         if self.n == 1:
             async with contextlib.aclosing(self._choice(0)) as events:
                 async for event in events:
+                    self.texts.setdefault(event.index, []).append(event.text)
                     yield event
             return
         queue: asyncio.Queue[ChoiceEvent | BaseException | None] = asyncio.Queue()
@@ -109,6 +120,7 @@ class Generation:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    self.texts.setdefault(item.index, []).append(item.text)
                     yield item
         finally:
             for task in tasks:

@@ -87,14 +87,16 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
 
 
-_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w]*|\[\d+\])+)`")
+_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w]*|\[\d+\]|\[\.\.\.\])+)`")
 
 
 def _param_from_path(message: str) -> str | None:
     match = _PATH.search(message)
     if match is None:
         return None
-    return match.group(1).lstrip(".")
+    # OpenAI spells nested params "messages.[0].content"; msgspec writes a map's key as "[...]".
+    path = match.group(1).split("[...]")[0]
+    return path.replace("[", ".[").lstrip(".") or None
 
 
 def decode_body[T](body: bytes, schema: type[T]) -> T:
@@ -108,6 +110,7 @@ def decode_body[T](body: bytes, schema: type[T]) -> T:
         param = _param_from_path(text)
         if text.startswith("Object missing required field"):
             field = text.split("`")[1]
+            field = f"{param}.{field}" if param else field
             raise invalid_request(f"Missing required parameter: '{field}'.", param=field) from exc
         raise invalid_request(f"Invalid request: {text}", param=param, code="invalid_value") from exc
     except msgspec.DecodeError as exc:

@@ -1,4 +1,8 @@
-"""Liveness and readiness probes; both stay open without an API key."""
+"""Liveness and readiness probes; both stay open without an API key.
+
+``/health`` answers 200 while the process lives. ``/ready`` answers 200 only when the models are
+loaded, the database answers and the gateway is not shutting down; otherwise 503 with the reasons.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,29 @@ from typing import Any
 from litestar import Request, Response, get
 
 from gateway.auth import PUBLIC
+from gateway.drain import PROBE
+from gateway.observe import observability
 from gateway.state import gateway_state
 
 
-@get("/health", sync_to_thread=False, opt={PUBLIC: True})
+@get("/health", sync_to_thread=False, opt={PUBLIC: True, PROBE: True})
 def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@get("/ready", opt={PUBLIC: True})
+@get("/ready", opt={PUBLIC: True, PROBE: True})
 async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
     state = gateway_state(request)
-    ok = state.ready and not state.draining
-    body = {"status": "ready" if ok else "unavailable", "models": [r.name for r in state.models]}
-    return Response(body, status_code=200 if ok else 503)
+    reasons: list[str] = []
+    if not state.ready:
+        reasons.append("models: not loaded")
+    if state.draining:
+        reasons.append("shutting down")
+    elif (problem := await observability(request).check_database()) is not None:
+        reasons.append(problem)
+    body = {
+        "status": "unavailable" if reasons else "ready",
+        "models": [r.name for r in state.models],
+        "reasons": reasons,
+    }
+    return Response(body, status_code=503 if reasons else 200)

@@ -1,0 +1,337 @@
+"""What the gateway tells its operators about each request: one log line and metrics.
+
+``RequestObserver`` (middleware) binds the request id to the log context of everything the
+request logs, counts the request by route, model and status, and once the response is sent
+writes the request's one log line. ``ObservedMetering`` wraps the metering the routes use; its
+tickets, when a generation's outcome is known, count tokens, cost and latencies, and hand the
+outcome (tokens, cost, TTFT) to that line. ``Observability`` holds these, the metrics and the
+drain of one app, and copies live values (queues, usage writer, health) into gauges.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import structlog
+from litestar import Litestar, Request
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
+from litestar.middleware import DefineMiddleware
+from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from gateway.drain import PROBE, Drain, DrainMiddleware
+from gateway.generation import Generation
+from gateway.keys import ApiKeyInfo
+from gateway.metering import Metering, Ticket
+from gateway.metrics import GatewayMetrics, forget_this_process, multiprocess_enabled
+from gateway.models import ModelRuntime
+from gateway.settings import Settings
+from gateway.state import GatewayState
+from gateway.usage import UsageStatus
+from gateway.usage.pricing import cost
+
+OBSERVABILITY_KEY = "observability"
+DATABASE_CHECK_TIMEOUT_S = 2.0
+LIVE_VALUES_INTERVAL_S = 1.0
+# How long a finished response's log line waits for a usage row still being written
+# (a stream the client left: its row is written in the background).
+OUTCOME_WAIT_S = 10.0
+_MODEL = "observed_model"
+_TICKET = "observed_ticket"
+
+_logger = structlog.get_logger("gateway.request")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationOutcome:
+    model: str
+    endpoint: str
+    status: UsageStatus
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: Decimal
+    ttft_ms: float | None
+    usage_recorded: bool
+    prompt: str | None = None
+    completion: str | list[str] | None = None
+
+    def log_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "endpoint": self.endpoint,
+            "outcome": self.status,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "cost_usd": str(self.cost_usd),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
+        }
+        if not self.usage_recorded:
+            fields["usage_recorded"] = False
+        if self.prompt is not None:
+            fields["prompt"] = self.prompt
+            fields["completion"] = self.completion
+        return fields
+
+
+def _outcome(
+    runtime: ModelRuntime, endpoint: str, generation: Generation, status: UsageStatus, *, recorded: bool, content: bool
+) -> GenerationOutcome:
+    pricing = runtime.config.pricing
+    reasons = sorted(set(generation.finish_reasons.values()))
+    completion: str | list[str] | None = None
+    if content:
+        texts = ["".join(generation.texts.get(i, [])) for i in range(generation.n)]
+        completion = texts[0] if generation.n == 1 else texts
+    return GenerationOutcome(
+        model=runtime.name,
+        endpoint=endpoint,
+        status=status,
+        finish_reason=",".join(reasons) or None,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+        cost_usd=cost(generation.prompt_tokens, pricing.input_per_million)
+        + cost(generation.completion_tokens, pricing.output_per_million),
+        ttft_ms=generation.ttft_ms(),
+        usage_recorded=recorded,
+        prompt=runtime.tokenizer.decode(generation.prompt_ids) if content else None,
+        completion=completion,
+    )
+
+
+class ObservedTicket:
+    def __init__(
+        self, inner: Ticket, metrics: GatewayMetrics, runtime: ModelRuntime, endpoint: str, *, log_content: bool
+    ) -> None:
+        self._inner = inner
+        self._metrics = metrics
+        self._runtime = runtime
+        self._endpoint = endpoint
+        self._log_content = log_content
+        self._finishing: asyncio.Future[None] | None = None
+        self.outcome: GenerationOutcome | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self._inner.headers
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._finish(generation, status))
+        await asyncio.shield(self._finishing)
+
+    async def _finish(self, generation: Generation, status: UsageStatus) -> None:
+        recorded = False
+        try:
+            await self._inner.finish(generation, status)
+            recorded = True
+        finally:
+            outcome = _outcome(
+                self._runtime, self._endpoint, generation, status, recorded=recorded, content=self._log_content
+            )
+            self.outcome = outcome
+            metrics = self._metrics
+            metrics.generations.labels(outcome.model, status).inc()
+            metrics.record_tokens(outcome.model, outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd)
+            ttft_s = None if outcome.ttft_ms is None else outcome.ttft_ms / 1000
+            metrics.record_latencies(outcome.model, ttft_s, generation.token_gaps_s)
+            metrics.record_backend_outcome(outcome.model, failed=status == "failed")
+
+    async def settled_outcome(self) -> GenerationOutcome | None:
+        """The outcome, waiting a while for a finish that has begun."""
+        if self._finishing is not None and not self._finishing.done():
+            await asyncio.wait({self._finishing}, timeout=OUTCOME_WAIT_S)
+        return self.outcome
+
+
+class ObservedMetering:
+    """Wraps the routes' metering so each generation's outcome reaches the metrics and the log."""
+
+    def __init__(self, inner: Metering, metrics: GatewayMetrics, *, log_content: bool) -> None:
+        self.inner = inner
+        self._metrics = metrics
+        self._log_content = log_content
+
+    async def admit(
+        self,
+        request: Request[Any, Any, Any],
+        runtime: ModelRuntime,
+        *,
+        endpoint: str,
+        prompt_tokens: int,
+        max_new_tokens: int,
+        user: str | None,
+    ) -> Ticket:
+        request_state = request.scope["state"]
+        # Set before admission, so a refusal (429) is counted under its model too.
+        request_state[_MODEL] = runtime.name
+        key = request_state.get("api_key")
+        if isinstance(key, ApiKeyInfo):
+            structlog.contextvars.bind_contextvars(key_id=key.id, model=runtime.name)
+        ticket = await self.inner.admit(
+            request,
+            runtime,
+            endpoint=endpoint,
+            prompt_tokens=prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            user=user,
+        )
+        observed = ObservedTicket(ticket, self._metrics, runtime, endpoint, log_content=self._log_content)
+        request_state[_TICKET] = observed
+        return observed
+
+
+class RequestObserver:
+    """Middleware: log context, request metrics and the one log line of each request."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=scope["state"].get("request_id"))
+        status = 500
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            self.metrics.in_flight.dec()
+            await self._observe(scope, status, time.perf_counter() - started)
+
+    async def _observe(self, scope: HTTPScope, status: int, duration_s: float) -> None:
+        request_state = scope["state"]
+        model: str = request_state.get(_MODEL, "")
+        route = scope.get("path_template") or scope["path"]
+        self.metrics.requests.labels(route, scope["method"], model, str(status)).inc()
+        ticket = request_state.get(_TICKET)
+        outcome = await ticket.settled_outcome() if isinstance(ticket, ObservedTicket) else None
+        if outcome is not None:
+            self.metrics.e2e.labels(outcome.model, outcome.endpoint).observe(duration_s)
+        if scope["route_handler"].opt.get(PROBE):
+            return
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(duration_s * 1000, 1),
+        }
+        key = request_state.get("api_key")
+        if isinstance(key, ApiKeyInfo):
+            fields["key_id"] = key.id
+        if model:
+            fields["model"] = model
+        if outcome is not None:
+            fields.update(outcome.log_fields())
+        if status >= 500:
+            _logger.warning("request", **fields)
+        else:
+            _logger.info("request", **fields)
+
+
+async def database_problem(engine: AsyncEngine, within_s: float) -> str | None:
+    """None when the database answers ``SELECT 1`` within ``within_s``, else what went wrong."""
+    try:
+        async with asyncio.timeout(within_s):
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+    except TimeoutError:
+        return f"database: no answer within {within_s:g} s"
+    except Exception as exc:
+        cause = getattr(exc, "orig", None) or exc
+        detail = (str(cause).strip().splitlines() or [""])[0][:200]
+        return f"database: {type(cause).__name__}: {detail}".rstrip(": ")
+    return None
+
+
+class Observability:
+    """Metrics, the per-request log line and the drain of one app."""
+
+    def __init__(self, settings: Settings, state: GatewayState) -> None:
+        self.metrics = GatewayMetrics()
+        self.drain = Drain(state, settings.drain_seconds)
+        self._state = state
+        self._log_content = settings.log_content
+
+    @property
+    def middleware(self) -> list[DefineMiddleware]:
+        """To follow the request id middleware: drain refusals are observed like any answer."""
+        return [
+            DefineMiddleware(RequestObserver, metrics=self.metrics),
+            DefineMiddleware(DrainMiddleware, drain=self.drain),
+        ]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _: Litestar) -> AsyncIterator[None]:
+        """To follow the app's own lifespan, which opens accounting and sets the metering."""
+        self._state.metering = ObservedMetering(self._state.metering, self.metrics, log_content=self._log_content)
+        # Other workers' scrapes read this worker's gauges from files: keep them fresh.
+        copier = asyncio.create_task(self._copy_periodically()) if multiprocess_enabled() else None
+        try:
+            async with self.drain.handling_sigterm():
+                yield
+        finally:
+            if copier is not None:
+                copier.cancel()
+                await asyncio.gather(copier, return_exceptions=True)
+            forget_this_process()
+
+    async def _copy_periodically(self) -> None:
+        while True:
+            self.copy_live_values()
+            await asyncio.sleep(LIVE_VALUES_INTERVAL_S)
+
+    def copy_live_values(self) -> None:
+        state, metrics = self._state, self.metrics
+        for runtime in state.models:
+            metrics.queue_depth.labels(runtime.name).set(runtime.queue.waiting)
+            metrics.running.labels(runtime.name).set(runtime.queue.running)
+        metrics.set_backends([runtime.name for runtime in state.models], started=state.ready)
+        metrics.draining.set(1 if state.draining else 0)
+        try:
+            recorder = state.accounting.usage
+        except RuntimeError:
+            return  # accounting is not open (yet)
+        metrics.usage_backlog.set(recorder.backlog)
+        metrics.copy_total(metrics.usage_failures, "usage_failures", recorder.failures)
+        metrics.copy_total(metrics.usage_rejected, "usage_rejected", recorder.rejected)
+
+    async def check_database(self) -> str | None:
+        """None when the database is reachable, else why not; updates ``database_up``."""
+        try:
+            engine = self._state.accounting.engine
+        except RuntimeError:
+            problem: str | None = "database: not connected yet"
+        else:
+            problem = await database_problem(engine, DATABASE_CHECK_TIMEOUT_S)
+        self.metrics.database_up.set(0 if problem else 1)
+        return problem
+
+    async def scrape(self, accept: str | None) -> tuple[bytes, str]:
+        self.copy_live_values()
+        await self.check_database()
+        return self.metrics.render(accept)
+
+
+def observability(connection: ASGIConnection[Any, Any, Any, Any]) -> Observability:
+    value: Observability = connection.app.state[OBSERVABILITY_KEY]
+    return value
