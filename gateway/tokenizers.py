@@ -42,6 +42,11 @@ class Tokenizer(Protocol):
 
     def decode(self, ids: Sequence[int]) -> str: ...
 
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The texts that ``encode_with_special`` turns into special tokens, longest first."""
+        ...
+
 
 class SentencePieceTokenizer:
     """A sentencepiece ``tokenizer.model``, as Meta's reference code uses it for Llama 2."""
@@ -54,6 +59,7 @@ class SentencePieceTokenizer:
         self.eos_token: str = processor.id_to_piece(self.eos_id)
         self.vocab_size: int = processor.get_piece_size()
         control = [processor.id_to_piece(i) for i in range(self.vocab_size) if processor.is_control(i)]
+        self.special_texts: tuple[str, ...] = tuple(sorted((p for p in control if p), key=len, reverse=True))
         # Longest first, so that a control piece which is a prefix of another never wins.
         alternatives = "|".join(re.escape(p) for p in sorted(control, key=len, reverse=True) if p)
         self._control = re.compile(f"({alternatives})") if alternatives else None
@@ -112,6 +118,8 @@ class HFTokenizer:
         self.bos_id = self._token_id(bos_token)
         self.eos_id = self._token_id(eos_token)
         self.vocab_size: int = self._special.get_vocab_size(with_added_tokens=True)
+        added = [t.content for t in self._special.get_added_tokens_decoder().values() if t.content]
+        self.special_texts: tuple[str, ...] = tuple(sorted(added, key=len, reverse=True))
 
     def _token_id(self, token: str) -> int:
         token_id: int | None = self._special.token_to_id(token)
@@ -160,6 +168,9 @@ def _vocab_only(path: Path) -> Any:
     """
     import llama_cpp
 
+    from backends.llamacpp_logging import route_llama_cpp_logs
+
+    route_llama_cpp_logs()
     if not path.is_file():
         raise ConfigError(f"GGUF file {path} does not exist")
     try:
@@ -181,6 +192,11 @@ class GGUFTokenizer:
         self.bos_token: str = self._piece(self.bos_id)
         self.eos_token: str = self._piece(self.eos_id)
         self.vocab_size: int = llm.n_vocab()
+        special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
+        texts = [
+            self._piece(i) for i in range(self.vocab_size) if llama_cpp.llama_vocab_get_attr(self._vocab, i) & special
+        ]
+        self.special_texts: tuple[str, ...] = tuple(sorted((t for t in texts if t), key=len, reverse=True))
 
     @classmethod
     def from_file(cls, gguf_path: str | Path) -> Self:

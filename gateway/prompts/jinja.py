@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, NoReturn
@@ -83,13 +84,66 @@ def render_chat_template(
         raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
 
 
-def build_jinja_prompt(template: str, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
-    """The prompt ids: the rendered template with its special-token text parsed into ids.
+def _markers(count: int) -> list[str]:
+    # Private-use characters never occur in chat text in practice, and no template changes them.
+    return [f"\ue000{index}\ue001" for index in range(count)]
 
-    BOS is present only where the template renders it, as with ``transformers``' tokenized
-    ``apply_chat_template``. Special-token text is parsed in the whole rendered text, message contents
-    included, as ``transformers`` and the llama.cpp server both do; the llama-2 template is the one
-    that keeps user text plain by construction.
+
+def _render_with_content_spans(
+    template: str, messages: Sequence[Message], tokenizer: Tokenizer
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered prompt and where each message's content lies in it.
+
+    Rendered with a marker in place of each content, then the contents put back. A template
+    that transforms contents (or branches on them) does not give back its own rendering that
+    way; then the whole text counts as the template's and no span is known.
     """
-    text = render_chat_template(template, messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token)
-    return tokenizer.encode_with_special(text)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    markers = _markers(len(messages))
+    marked = render_chat_template(
+        template,
+        [Message(m.role, mark) for m, mark in zip(messages, markers, strict=True)],
+        bos_token=bos,
+        eos_token=eos,
+    )
+    real = render_chat_template(template, messages, bos_token=bos, eos_token=eos)
+    pieces = re.split("(\ue000\\d+\ue001)", marked)
+    contents = {mark: m.content for mark, m in zip(markers, messages, strict=True)}
+    text, spans = "", []
+    for index, piece in enumerate(pieces):
+        content = contents.get(piece) if index % 2 else None
+        if content is None:
+            text += piece
+        else:
+            spans.append((len(text), len(text) + len(content)))
+            text += content
+    # Put back, the contents must give exactly what the template renders from them.
+    return (text, spans) if text == real else (real, [])
+
+
+def build_jinja_prompt(template: str, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+    """The prompt ids: the rendered template, with special-token text parsed only where the
+    template wrote it.
+
+    Text a user typed (``<|im_end|>``, ``</s>``) stays characters and cannot forge a turn or a
+    control token. Otherwise the ids equal tokenizing the whole rendered text with special tokens
+    parsed (as ``transformers`` does): the text is cut at the template's special tokens and each
+    piece between them is tokenized as plain text. BOS is present only where the template
+    renders it.
+    """
+    text, spans = _render_with_content_spans(template, messages, tokenizer)
+    if not tokenizer.special_texts:
+        return tokenizer.encode(text)
+    special = re.compile("|".join(re.escape(t) for t in tokenizer.special_texts))
+    ids: list[int] = []
+    start = 0
+    for match in special.finditer(text):
+        if any(a <= match.start() < b for a, b in spans):
+            continue  # inside a message: plain text
+        if match.start() > start:
+            ids.extend(tokenizer.encode(text[start : match.start()]))
+        ids.extend(tokenizer.encode_with_special(match.group()))
+        start = match.end()
+    if start < len(text):
+        ids.extend(tokenizer.encode(text[start:]))
+    return ids
