@@ -61,6 +61,9 @@ class GenerationRequest:
     request_id: str
     prompt_ids: Sequence[int]
     sampling: SamplingParams
+    continuation: bool = False
+    """The text continues the prompt (legacy completions): keep the first token's leading space,
+    which a chat reply drops as Meta's reference decode does."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,11 +271,13 @@ class IncrementalDetokenizer:
     incomplete character.
     """
 
-    def __init__(self, decode: Callable[[Sequence[int]], str]) -> None:
+    def __init__(self, decode: Callable[[Sequence[int]], str], context: Sequence[int] = ()) -> None:
+        # ``context`` (the prompt's last token, for a continuation) is decoded along but never
+        # emitted, so the first new token keeps the leading space it has after that context.
         self._decode = decode
-        self._ids: list[int] = []
+        self._ids: list[int] = list(context)
         self._prefix = 0
-        self._read = 0
+        self._read = len(self._ids)
 
     def push(self, token_ids: Sequence[int]) -> str:
         if not token_ids:
@@ -763,7 +765,7 @@ class ExLlamaV2Backend:
         logit_bias = logit_bias_entries(sampling, loaded.vocab_size)
         events: asyncio.Queue[_Event] = asyncio.Queue()
         key = thread.submit(request, logit_bias, events)
-        text = IncrementalDetokenizer(decode)
+        text = IncrementalDetokenizer(decode, request.prompt_ids[-1:] if request.continuation else ())
         finished = False
         try:
             while True:

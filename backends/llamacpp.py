@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import importlib.util
 import ctypes
+import importlib.util
 import random
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -27,7 +27,6 @@ from backends.base import (
     SamplingParams,
     TokenDelta,
 )
-
 from backends.llamacpp_logging import route_llama_cpp_logs
 
 if TYPE_CHECKING:
@@ -231,9 +230,16 @@ def _generate_blocking(
     eos = llama.token_eos()
     # SentencePiece vocabularies put a space before the first word; Meta's reference decode
     # drops it from the reply, and so do we.
-    strip_first_space = lib.llama_vocab_type(llama._model.vocab) == lib.LLAMA_VOCAB_TYPE_SPM
+    strip_first_space = (
+        not request.continuation and lib.llama_vocab_type(llama._model.vocab) == lib.LLAMA_VOCAB_TYPE_SPM
+    )
     eos_ban = _build_sampler(llama, sampling, seed, ban_eos=True) if sampling.min_tokens > 0 else None
     sampler = _build_sampler(llama, sampling, seed, ban_eos=False)
+    # Penalties see the prompt's last tokens too, as llama.cpp's server, vLLM and HF apply them.
+    for token in request.prompt_ids[-PENALTY_LAST_N:]:
+        sampler.accept(token)
+        if eos_ban is not None:
+            eos_ban.accept(token)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     piece_buffer = ctypes.create_string_buffer(_PIECE_BUFFER_SIZE)
     pending_ids: list[int] = []

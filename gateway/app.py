@@ -25,7 +25,7 @@ from gateway.logging import litestar_logging_config
 from gateway.metering import Metering
 from gateway.middleware import RequestIdMiddleware
 from gateway.models import ModelRegistry, build_registry
-from gateway.observe import OBSERVABILITY_KEY, Observability
+from gateway.observability import OBSERVABILITY_KEY, Observability
 from gateway.replicate.runner import close_predictions
 from gateway.settings import Settings
 from gateway.state import STATE_KEY, GatewayState

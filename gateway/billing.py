@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 from litestar import Request
@@ -53,6 +54,10 @@ class UsageTicket:
         await asyncio.shield(self._finishing)
 
     async def _record(self, generation: Generation, status: UsageStatus) -> None:
+        if not generation.reached_backend:
+            # Refused or abandoned before any engine work (queue, early disconnect): no usage.
+            await self._admission.settle(0, Decimal(0))
+            return
         pricing = self._runtime.config.pricing
         ttft = generation.ttft_ms()
         reasons = sorted(set(generation.finish_reasons.values()))

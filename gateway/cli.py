@@ -28,10 +28,9 @@ def main() -> None:
 @click.option("--workers", type=int, default=1, show_default=True, help="uvicorn worker processes.")
 def serve(config_path: str | None, host: str | None, port: int | None, workers: int) -> None:
     """Serve the OpenAI-compatible API with uvicorn."""
-    from gateway.serve import run
-
     from backends.base import BackendUnavailable
     from gateway.models import preflight
+    from gateway.serve import run
 
     try:
         settings = load_settings(config_path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from backends.base import FinishReason, GenerationRequest, SamplingParams
 from gateway.models import ModelRuntime
+from gateway.queueing import Reservation
 from gateway.stops import StopMatcher
 
 SEED_SPACE = 2**64
@@ -43,6 +44,12 @@ class Generation:
     """The text given out for each choice (logged only when content logging is on)."""
     finish_reasons: dict[int, FinishReason] = field(default_factory=dict)
     stop_sequence_hit: bool = False
+    continuation: bool = False
+    """Legacy completions continue the prompt's text; chat replies start fresh."""
+    reached_backend: bool = False
+    """A choice got a slot and went to the engine: only then is the request billed."""
+    reservation: Reservation | None = None
+    """Slots promised at admission (``SlotQueue.reserve``); what is left is released at the end."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -63,8 +70,11 @@ class Generation:
         return replace(self.sampling, seed=(seed + index) % SEED_SPACE)
 
     async def _choice(self, index: int) -> AsyncGenerator[ChoiceEvent]:
-        async with self.runtime.queue.slot():
-            request = GenerationRequest(self.request_id, self.prompt_ids, self._choice_sampling(index))
+        async with self.reservation.slot() if self.reservation else self.runtime.queue.slot():
+            self.reached_backend = True
+            request = GenerationRequest(
+                self.request_id, self.prompt_ids, self._choice_sampling(index), continuation=self.continuation
+            )
             matcher = StopMatcher(self.stops)
             async with contextlib.aclosing(self.runtime.backend.generate(request)) as stream:
                 last_token_at: float | None = None
@@ -92,6 +102,19 @@ class Generation:
 
     async def events(self) -> AsyncGenerator[ChoiceEvent]:
         """Events of all choices; with ``n > 1`` they interleave as the choices progress."""
+        try:
+            async with contextlib.aclosing(self._events()) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.release_unused_slots()
+
+    def release_unused_slots(self) -> None:
+        """Give back reserved slots no choice took (the request ended, or never started)."""
+        if self.reservation is not None:
+            self.reservation.release()
+
+    async def _events(self) -> AsyncGenerator[ChoiceEvent]:
         if self.n == 1:
             async with contextlib.aclosing(self._choice(0)) as events:
                 async for event in events:

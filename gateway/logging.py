@@ -28,8 +28,11 @@ from gateway.settings import Settings
 REDACTED = "[redacted]"
 SECRET_FIELDS = frozenset({"authorization", "proxy-authorization", "x-api-key", "api_key", "cookie", "set-cookie"})
 CONTENT_FIELDS = frozenset({"prompt", "messages", "completion", "completions", "content", "input", "system_prompt"})
-# uvicorn's own loggers; they lose their handlers and propagate to the root handler.
-SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi", "litestar")
+# Loggers that servers and frameworks may have given handlers of their own: they lose them and
+# propagate to the root handler. (uvicorn.access is left as uvicorn sets it: the gateway writes
+# its own line per request.)
+SERVER_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.asgi", "litestar")
+_LEADING_FIELDS = ("timestamp", "level", "logger", "event")
 TRACE_LEVEL = 5  # uvicorn's "trace"
 
 _json = msgspec.json.Encoder(enc_hook=str, decimal_format="string")
@@ -99,7 +102,10 @@ def _drop_color_message(_: WrappedLogger, __: str, event_dict: EventDict) -> Eve
 
 
 def _dumps(event_dict: EventDict, **_: Any) -> str:
-    return _json.encode(event_dict).decode()
+    # The fields every line has come first, so lines read well before any tool parses them.
+    ordered = {name: event_dict.pop(name) for name in _LEADING_FIELDS if name in event_dict}
+    ordered.update(event_dict)
+    return _json.encode(ordered).decode()
 
 
 _timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")

@@ -74,9 +74,7 @@ class GatewayMetrics:
             buckets=E2E_BUCKETS,
             registry=r,
         )
-        self.prompt_tokens = Counter(
-            "llama_gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
-        )
+        self.prompt_tokens = Counter("llama_gateway_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r)
         self.completion_tokens = Counter(
             "llama_gateway_completion_tokens", "Completion tokens generated.", ["model"], registry=r
         )

@@ -71,8 +71,9 @@ class ModelRuntime:
         return build_jinja_prompt(self.chat_template, messages, self.tokenizer)
 
     def text_prompt_ids(self, text: str) -> list[int]:
-        """A raw completion prompt: BOS, then the text as plain text."""
-        return [self.tokenizer.bos_id, *self.tokenizer.encode(text)]
+        """A raw completion prompt: BOS where the model wants it, then the text as plain text."""
+        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos else []
+        return [*bos, *self.tokenizer.encode(text)]
 
 
 class ModelRegistry:

@@ -4,8 +4,7 @@
 request logs, counts the request by route, model and status, and once the response is sent
 writes the request's one log line. ``ObservedMetering`` wraps the metering the routes use; its
 tickets, when a generation's outcome is known, count tokens, cost and latencies, and hand the
-outcome (tokens, cost, TTFT) to that line. ``Observability`` holds these, the metrics and the
-drain of one app, and copies live values (queues, usage writer, health) into gauges.
+outcome (tokens, cost, TTFT) to that line.
 """
 
 from __future__ import annotations
@@ -13,37 +12,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 import structlog
-from litestar import Litestar, Request
-from litestar.connection import ASGIConnection
+from litestar import Request
 from litestar.enums import ScopeType
-from litestar.middleware import DefineMiddleware
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from gateway.drain import PROBE, Drain, DrainMiddleware
+from gateway.drain import PROBE
 from gateway.generation import Generation
 from gateway.keys import ApiKeyInfo
 from gateway.metering import Metering, Ticket
-from gateway.metrics import GatewayMetrics, forget_this_process, multiprocess_enabled
+from gateway.metrics import GatewayMetrics
 from gateway.models import ModelRuntime
-from gateway.settings import Settings
-from gateway.state import GatewayState
 from gateway.usage import UsageStatus
 from gateway.usage.pricing import cost
 
-OBSERVABILITY_KEY = "observability"
-DATABASE_CHECK_TIMEOUT_S = 2.0
-LIVE_VALUES_INTERVAL_S = 1.0
 # How long a finished response's log line waits for a usage row still being written
 # (a stream the client left: its row is written in the background).
 OUTCOME_WAIT_S = 10.0
+# How long shutdown waits for usage rows of requests cut off by the server's own shutdown.
+SETTLE_AT_SHUTDOWN_S = 5.0
 _MODEL = "observed_model"
 _TICKET = "observed_ticket"
 
@@ -109,8 +102,17 @@ def _outcome(
 
 class ObservedTicket:
     def __init__(
-        self, inner: Ticket, metrics: GatewayMetrics, runtime: ModelRuntime, endpoint: str, *, log_content: bool
+        self,
+        inner: Ticket,
+        metrics: GatewayMetrics,
+        runtime: ModelRuntime,
+        endpoint: str,
+        *,
+        log_content: bool,
+        on_settled: Callable[[], None],
     ) -> None:
+        self.settled = False
+        self._on_settled = on_settled
         self._inner = inner
         self._metrics = metrics
         self._runtime = runtime
@@ -144,6 +146,8 @@ class ObservedTicket:
             ttft_s = None if outcome.ttft_ms is None else outcome.ttft_ms / 1000
             metrics.record_latencies(outcome.model, ttft_s, generation.token_gaps_s)
             metrics.record_backend_outcome(outcome.model, failed=status == "failed")
+            self.settled = True
+            self._on_settled()
 
     async def settled_outcome(self) -> GenerationOutcome | None:
         """The outcome, waiting a while for a finish that has begun."""
@@ -159,6 +163,8 @@ class ObservedMetering:
         self.inner = inner
         self._metrics = metrics
         self._log_content = log_content
+        self._tickets: weakref.WeakSet[ObservedTicket] = weakref.WeakSet()
+        self._a_ticket_settled = asyncio.Event()
 
     async def admit(
         self,
@@ -184,9 +190,29 @@ class ObservedMetering:
             max_new_tokens=max_new_tokens,
             user=user,
         )
-        observed = ObservedTicket(ticket, self._metrics, runtime, endpoint, log_content=self._log_content)
+        observed = ObservedTicket(
+            ticket,
+            self._metrics,
+            runtime,
+            endpoint,
+            log_content=self._log_content,
+            on_settled=self._a_ticket_settled.set,
+        )
         request_state[_TICKET] = observed
+        self._tickets.add(observed)
         return observed
+
+    async def settle(self) -> None:
+        """Wait (a while) for the usage of admitted requests to be handed to accounting.
+
+        At shutdown, requests that the server cut off record their usage from background tasks
+        that may not have started yet; accounting must not close before they have.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SETTLE_AT_SHUTDOWN_S):
+                while any(not ticket.settled for ticket in self._tickets):
+                    self._a_ticket_settled.clear()
+                    await self._a_ticket_settled.wait()
 
 
 class RequestObserver:
@@ -246,92 +272,3 @@ class RequestObserver:
             _logger.warning("request", **fields)
         else:
             _logger.info("request", **fields)
-
-
-async def database_problem(engine: AsyncEngine, within_s: float) -> str | None:
-    """None when the database answers ``SELECT 1`` within ``within_s``, else what went wrong."""
-    try:
-        async with asyncio.timeout(within_s):
-            async with engine.connect() as connection:
-                await connection.execute(text("SELECT 1"))
-    except TimeoutError:
-        return f"database: no answer within {within_s:g} s"
-    except Exception as exc:
-        cause = getattr(exc, "orig", None) or exc
-        detail = (str(cause).strip().splitlines() or [""])[0][:200]
-        return f"database: {type(cause).__name__}: {detail}".rstrip(": ")
-    return None
-
-
-class Observability:
-    """Metrics, the per-request log line and the drain of one app."""
-
-    def __init__(self, settings: Settings, state: GatewayState) -> None:
-        self.metrics = GatewayMetrics()
-        self.drain = Drain(state, settings.drain_seconds)
-        self._state = state
-        self._log_content = settings.log_content
-
-    @property
-    def middleware(self) -> list[DefineMiddleware]:
-        """To follow the request id middleware: drain refusals are observed like any answer."""
-        return [
-            DefineMiddleware(RequestObserver, metrics=self.metrics),
-            DefineMiddleware(DrainMiddleware, drain=self.drain),
-        ]
-
-    @contextlib.asynccontextmanager
-    async def lifespan(self, _: Litestar) -> AsyncIterator[None]:
-        """To follow the app's own lifespan, which opens accounting and sets the metering."""
-        self._state.metering = ObservedMetering(self._state.metering, self.metrics, log_content=self._log_content)
-        # Other workers' scrapes read this worker's gauges from files: keep them fresh.
-        copier = asyncio.create_task(self._copy_periodically()) if multiprocess_enabled() else None
-        try:
-            async with self.drain.handling_sigterm():
-                yield
-        finally:
-            if copier is not None:
-                copier.cancel()
-                await asyncio.gather(copier, return_exceptions=True)
-            forget_this_process()
-
-    async def _copy_periodically(self) -> None:
-        while True:
-            self.copy_live_values()
-            await asyncio.sleep(LIVE_VALUES_INTERVAL_S)
-
-    def copy_live_values(self) -> None:
-        state, metrics = self._state, self.metrics
-        for runtime in state.models:
-            metrics.queue_depth.labels(runtime.name).set(runtime.queue.waiting)
-            metrics.running.labels(runtime.name).set(runtime.queue.running)
-        metrics.set_backends([runtime.name for runtime in state.models], started=state.ready)
-        metrics.draining.set(1 if state.draining else 0)
-        try:
-            recorder = state.accounting.usage
-        except RuntimeError:
-            return  # accounting is not open (yet)
-        metrics.usage_backlog.set(recorder.backlog)
-        metrics.copy_total(metrics.usage_failures, "usage_failures", recorder.failures)
-        metrics.copy_total(metrics.usage_rejected, "usage_rejected", recorder.rejected)
-
-    async def check_database(self) -> str | None:
-        """None when the database is reachable, else why not; updates ``database_up``."""
-        try:
-            engine = self._state.accounting.engine
-        except RuntimeError:
-            problem: str | None = "database: not connected yet"
-        else:
-            problem = await database_problem(engine, DATABASE_CHECK_TIMEOUT_S)
-        self.metrics.database_up.set(0 if problem else 1)
-        return problem
-
-    async def scrape(self, accept: str | None) -> tuple[bytes, str]:
-        self.copy_live_values()
-        await self.check_database()
-        return self.metrics.render(accept)
-
-
-def observability(connection: ASGIConnection[Any, Any, Any, Any]) -> Observability:
-    value: Observability = connection.app.state[OBSERVABILITY_KEY]
-    return value

@@ -43,6 +43,11 @@ class Tokenizer(Protocol):
     def decode(self, ids: Sequence[int]) -> str: ...
 
     @property
+    def add_bos(self) -> bool:
+        """Whether the model expects BOS before a plain-text prompt (legacy completions)."""
+        ...
+
+    @property
     def special_texts(self) -> tuple[str, ...]:
         """The texts that ``encode_with_special`` turns into special tokens, longest first."""
         ...
@@ -58,6 +63,7 @@ class SentencePieceTokenizer:
         self.bos_token: str = processor.id_to_piece(self.bos_id)
         self.eos_token: str = processor.id_to_piece(self.eos_id)
         self.vocab_size: int = processor.get_piece_size()
+        self.add_bos = True  # Meta's reference encodes every prompt with BOS
         control = [processor.id_to_piece(i) for i in range(self.vocab_size) if processor.is_control(i)]
         self.special_texts: tuple[str, ...] = tuple(sorted((p for p in control if p), key=len, reverse=True))
         # Longest first, so that a control piece which is a prefix of another never wins.
@@ -107,7 +113,7 @@ def _token_content(value: Any) -> str | None:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (the format ExLlamaV2 and most model repositories ship)."""
 
-    def __init__(self, tokenizer_json: str, bos_token: str, eos_token: str) -> None:
+    def __init__(self, tokenizer_json: str, bos_token: str, eos_token: str, add_bos: bool = True) -> None:
         self._special = tokenizers.Tokenizer.from_str(tokenizer_json)
         # A second instance, because the switch is per tokenizer object and flipping it per call
         # would race between concurrent requests.
@@ -118,6 +124,7 @@ class HFTokenizer:
         self.bos_id = self._token_id(bos_token)
         self.eos_id = self._token_id(eos_token)
         self.vocab_size: int = self._special.get_vocab_size(with_added_tokens=True)
+        self.add_bos = add_bos
         added = [t.content for t in self._special.get_added_tokens_decoder().values() if t.content]
         self.special_texts: tuple[str, ...] = tuple(sorted(added, key=len, reverse=True))
 
@@ -142,7 +149,7 @@ class HFTokenizer:
         bos = _token_content(config.get("bos_token")) or "<s>"
         eos = _token_content(config.get("eos_token")) or "</s>"
         try:
-            return cls(text, bos, eos)
+            return cls(text, bos, eos, add_bos=bool(config.get("add_bos_token", True)))
         except ConfigError:
             raise
         except Exception as exc:  # tokenizers reports a malformed file as a bare Exception
@@ -192,6 +199,7 @@ class GGUFTokenizer:
         self.bos_token: str = self._piece(self.bos_id)
         self.eos_token: str = self._piece(self.eos_id)
         self.vocab_size: int = llm.n_vocab()
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         special = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED
         texts = [
             self._piece(i) for i in range(self.vocab_size) if llama_cpp.llama_vocab_get_attr(self._vocab, i) & special

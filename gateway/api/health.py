@@ -12,7 +12,7 @@ from litestar import Request, Response, get
 
 from gateway.auth import PUBLIC
 from gateway.drain import PROBE
-from gateway.observe import observability
+from gateway.observability import observability
 from gateway.state import gateway_state
 
 

@@ -8,7 +8,7 @@ from litestar import Request, Response, get
 
 from gateway.auth import PUBLIC
 from gateway.drain import PROBE
-from gateway.observe import observability
+from gateway.observability import observability
 
 
 @get("/metrics", opt={PUBLIC: True, PROBE: True})

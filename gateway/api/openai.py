@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -81,22 +82,38 @@ async def _serve(
     runtime = state.models.get(body.model)
     sampling = sampling_params(body, runtime, len(prompt_ids), max_tokens)
     n = body.n or 1
-    runtime.queue.ensure_room(n)
+    reservation = runtime.queue.reserve(n)
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-    ticket = await state.metering.admit(
-        request,
+    try:
+        ticket = await state.metering.admit(
+            request,
+            runtime,
+            endpoint=endpoint,
+            prompt_tokens=len(prompt_ids),
+            max_new_tokens=sampling.max_tokens * n,
+            user=body.user,
+        )
+    except BaseException:
+        reservation.release()
+        raise
+    generation = Generation(
         runtime,
-        endpoint=endpoint,
-        prompt_tokens=len(prompt_ids),
-        max_new_tokens=sampling.max_tokens * n,
-        user=body.user,
+        request_id(request),
+        prompt_ids,
+        sampling,
+        stop_sequences(body.stop),
+        n,
+        reservation=reservation,
+        continuation=kind == "text",
     )
-    generation = Generation(runtime, request_id(request), prompt_ids, sampling, stop_sequences(body.stop), n)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
+        body_stream = _stream(generation, ticket, writer)
+        # A client that leaves before the body starts never runs the stream's own clean-up.
+        weakref.finalize(body_stream, _abandon, generation, ticket)
         return Stream(
-            _stream(generation, ticket, writer),
+            body_stream,
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **ticket.headers},
         )
@@ -171,6 +188,16 @@ async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -
     finally:
         if status is None:
             _in_background(ticket.finish(generation, "cancelled"))
+
+
+def _abandon(generation: Generation, ticket: Ticket) -> None:
+    """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished)."""
+    generation.release_unused_slots()
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # collected after the app's loop ended: nothing is left to settle against
+    _in_background(ticket.finish(generation, "cancelled"))
 
 
 @get("/v1/models")

@@ -117,11 +117,17 @@ async def _create(
         )
     sampling = inputs.sampling(room)
     state = gateway_state(request)
-    runtime.queue.ensure_room(1)
-    ticket = await state.metering.admit(
-        request, runtime, endpoint=ENDPOINT, prompt_tokens=len(ids), max_new_tokens=sampling.max_tokens, user=None
+    reservation = runtime.queue.reserve(1)
+    try:
+        ticket = await state.metering.admit(
+            request, runtime, endpoint=ENDPOINT, prompt_tokens=len(ids), max_new_tokens=sampling.max_tokens, user=None
+        )
+    except BaseException:
+        reservation.release()
+        raise
+    generation = Generation(
+        runtime, request_id(request), ids, sampling, inputs.stop_sequences, reservation=reservation
     )
-    generation = Generation(runtime, request_id(request), ids, sampling, inputs.stop_sequences)
     service = prediction_service(request.app)
     prediction = service.store.add(
         owner=current_key(request).id, model=model, version=version, input=dict(body["input"])

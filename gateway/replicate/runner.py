@@ -37,6 +37,7 @@ async def _settle(prediction: Prediction, generation: Generation, ticket: Ticket
         logger.exception("usage of prediction %s was not recorded", prediction.id)
         status, error = "failed", UNRECORDED
     finally:
+        generation.release_unused_slots()
         prediction.finish(status, generation, error)
 
 

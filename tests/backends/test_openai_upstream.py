@@ -108,7 +108,8 @@ def test_request_body_sets_every_sampler_field() -> None:
     assert body["prompt"] == [1, 2, 3]
     assert body["model"] == "worker-model"
     assert (body["top_k"], body["top_p"], body["repetition_penalty"]) == (-1, 1.0, 1.0)
-    assert (body["seed"], body["min_tokens"]) == (5, 2) and body["logit_bias"] == {"13": -100.0}
+    assert (body["seed"], body["min_tokens"]) == (5, 2)
+    assert body["logit_bias"] == {"13": -100.0}
     assert body["stream_options"] == {"include_usage": True}
 
 
