@@ -4,15 +4,8 @@ from __future__ import annotations
 
 import click
 
+from gateway.cli_admin.common import config_option
 from gateway.settings import ConfigError, load_settings
-
-config_option = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    envvar="LLAMA_GATEWAY_CONFIG",
-    help="YAML config file (default: the embedded SQLite + bundled CPU model).",
-)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -26,7 +26,8 @@ config_option = click.option(
     "config_path",
     type=click.Path(dir_okay=False),
     envvar="LLAMA_GATEWAY_CONFIG",
-    help="YAML config file; LLAMA_GATEWAY_DATABASE_URL overrides its database_url.",
+    help="YAML config file (default: the embedded SQLite file and bundled model); "
+    "LLAMA_GATEWAY_<NAME> overrides any top-level setting, e.g. LLAMA_GATEWAY_DATABASE_URL.",
 )
 format_option = click.option("--format", "fmt", type=FORMATS, default="table", show_default=True)
 

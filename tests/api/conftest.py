@@ -151,3 +151,16 @@ def sse_payloads(body: bytes) -> list[Any]:
         data = event.removeprefix(b"data: ")
         payloads.append(data.decode() if data == b"[DONE]" else msgspec.json.decode(data))
     return payloads
+
+
+# Each module defines its own ``served`` gateway; these clients follow whichever one it is.
+@pytest.fixture(scope="module")
+def client(served: Served) -> Iterator[openai.OpenAI]:
+    with served.client() as sdk:
+        yield sdk
+
+
+@pytest.fixture(scope="module")
+def http(served: Served) -> Iterator[httpx.Client]:
+    with served.http() as client:
+        yield client

@@ -33,12 +33,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, slow_backend: ScriptedBacke
         yield gateway
 
 
-@pytest.fixture(scope="module")
-def client(served: Served) -> Iterator[openai.OpenAI]:
-    with served.client() as sdk:
-        yield sdk
-
-
 def content_events(response: httpx.Response) -> Iterator[str]:
     return (line for line in response.iter_lines() if '"content":"' in line and '"role"' not in line)
 

@@ -51,12 +51,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 
 
 @pytest.fixture(scope="module")
-def client(served: Served) -> Iterator[openai.OpenAI]:
-    with served.client() as sdk:
-        yield sdk
-
-
-@pytest.fixture(scope="module")
 def llama2_tokenizer() -> SentencePieceTokenizer:
     return SentencePieceTokenizer.from_file(LLAMA2_TOKENIZER_MODEL)
 

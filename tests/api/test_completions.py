@@ -34,12 +34,6 @@ def served(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> It
 
 
 @pytest.fixture(scope="module")
-def client(served: Served) -> Iterator[openai.OpenAI]:
-    with served.client() as sdk:
-        yield sdk
-
-
-@pytest.fixture(scope="module")
 def prompt_ids() -> list[int]:
     """PROMPT as the tiny Llama 2 sees it: BOS, then the text."""
     tokenizer = SentencePieceTokenizer.from_file(LLAMA2_TOKENIZER_MODEL)

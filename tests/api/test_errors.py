@@ -48,18 +48,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         yield gateway
 
 
-@pytest.fixture(scope="module")
-def client(served: Served) -> Iterator[openai.OpenAI]:
-    with served.client() as sdk:
-        yield sdk
-
-
-@pytest.fixture(scope="module")
-def http(served: Served) -> Iterator[httpx.Client]:
-    with served.http() as client:
-        yield client
-
-
 def assert_envelope(error: openai.APIStatusError, status: int, *, param: str | None, code: str | None) -> None:
     assert error.status_code == status
     assert error.request_id is not None
