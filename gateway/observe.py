@@ -40,6 +40,7 @@ SETTLE_AT_SHUTDOWN_S = 5.0
 _MODEL = "observed_model"
 _TICKET = "observed_ticket"
 
+CLIENT_CLOSED_REQUEST = 499
 _logger = structlog.get_logger("gateway.request")
 
 
@@ -229,7 +230,9 @@ class RequestObserver:
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=scope["state"].get("request_id"))
-        status = 500
+        # Litestar answers every error itself, so a request that ends with no response begun was
+        # left by its client: logged as 499, nginx's "client closed request", not as a failure.
+        status = CLIENT_CLOSED_REQUEST
 
         async def observed_send(message: Message) -> None:
             nonlocal status

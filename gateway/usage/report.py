@@ -15,6 +15,7 @@ from sqlalchemy import ColumnElement, String, cast, func, null, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.db.models import ApiKey, UsageRecord
+from gateway.db.types import MONEY_QUANTUM
 
 GroupBy = Literal["key", "model", "day"]
 ZERO = Decimal("0E-10")
@@ -49,10 +50,15 @@ class UsageTotals:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "input_cost_usd": str(self.input_cost),
-            "output_cost_usd": str(self.output_cost),
-            "total_cost_usd": str(self.total_cost),
+            "input_cost_usd": _fixed(self.input_cost),
+            "output_cost_usd": _fixed(self.output_cost),
+            "total_cost_usd": _fixed(self.total_cost),
         }
+
+
+def _fixed(amount: Decimal) -> str:
+    # Plain digits at the stored precision: str(Decimal) writes small amounts as "1.95E-7".
+    return f"{amount.quantize(MONEY_QUANTUM):f}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ async def test_filters_by_key_model_and_time(db_sessionmaker: Sessions, keys: tu
     empty = await usage_report(db_sessionmaker, since=DAY2 + timedelta(days=1))
     assert empty.rows == []
     assert empty.total.total_cost == 0
-    assert empty.as_dict()["total"]["total_cost_usd"] == "0E-10"
+    assert empty.as_dict()["total"]["total_cost_usd"] == "0.0000000000"
 
 
 async def test_spend_since_seeds_budgets(db_sessionmaker: Sessions, keys: tuple[str, str]) -> None:
