@@ -84,13 +84,13 @@ async def test_concurrent_records_share_few_transactions(
     db_sessionmaker: Sessions, key_id: str, observer: Sessions
 ) -> None:
     engine = db_sessionmaker.kw["bind"]
-    commits = 0
+    commits = 0  # each batch is one INSERT statement, committed on its own (autocommit)
 
-    def on_commit(_connection: object) -> None:
+    def on_commit(_connection: object, _cursor: object, statement: str, *_: object) -> None:
         nonlocal commits
-        commits += 1
+        commits += statement.lstrip().upper().startswith("INSERT INTO USAGE_RECORDS")
 
-    event.listen(engine.sync_engine, "commit", on_commit)
+    event.listen(engine.sync_engine, "before_cursor_execute", on_commit)
     recorder = UsageRecorder(db_sessionmaker, flush_interval_s=0.005)
     recorder.start()
     entries = [make_entry(key_id) for _ in range(300)]
@@ -98,7 +98,7 @@ async def test_concurrent_records_share_few_transactions(
         await asyncio.gather(*(recorder.record(e) for e in entries))
     finally:
         await recorder.aclose()
-        event.remove(engine.sync_engine, "commit", on_commit)
+        event.remove(engine.sync_engine, "before_cursor_execute", on_commit)
     assert recorder.committed == 300
     assert recorder.batches == commits
     assert commits <= 5, f"300 concurrent rows took {commits} transactions"
