@@ -51,7 +51,11 @@ def running_gateway(
     settings.host = "127.0.0.1"
     settings.port = free_port()
     app = create_app(settings, backends=backends)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", lifespan="on")
+    # A long keep-alive: on a loaded test machine a pooled connection can sit idle past uvicorn's
+    # 5 s default and be closed just as the client reuses it.
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="warning", lifespan="on", timeout_keep_alive=120
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="live-gateway", daemon=True)
     thread.start()

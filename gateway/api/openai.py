@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -111,7 +112,7 @@ async def _serve(
         writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
         body_stream = _stream(generation, ticket, writer)
         # A client that leaves before the body starts never runs the stream's own clean-up.
-        weakref.finalize(body_stream, _abandon, generation, ticket)
+        weakref.finalize(body_stream, _abandon, asyncio.get_running_loop(), generation, ticket)
         return Stream(
             body_stream,
             media_type="text/event-stream",
@@ -190,14 +191,19 @@ async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -
             _in_background(ticket.finish(generation, "cancelled"))
 
 
-def _abandon(generation: Generation, ticket: Ticket) -> None:
-    """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished)."""
-    generation.release_unused_slots()
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return  # collected after the app's loop ended: nothing is left to settle against
-    _in_background(ticket.finish(generation, "cancelled"))
+def _abandon(loop: asyncio.AbstractEventLoop, generation: Generation, ticket: Ticket) -> None:
+    """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished).
+
+    Runs when the stream is collected, which may happen on any thread: the work goes to the
+    loop that served the request.
+    """
+
+    def settle() -> None:
+        generation.release_unused_slots()
+        _in_background(ticket.finish(generation, "cancelled"))
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the app is gone
+        loop.call_soon_threadsafe(settle)
 
 
 @get("/v1/models")
