@@ -29,12 +29,6 @@ _FALSE = ("0", "false", "no", "")
 _FIELDS = frozenset(NewKey.__struct_fields__)
 
 
-def _status(info: ApiKeyInfo) -> str:
-    if info.revoked_at is not None:
-        return "revoked"
-    return "active" if info.is_usable(datetime.now(UTC)) else "expired"
-
-
 def key_json(info: ApiKeyInfo) -> dict[str, Any]:
     """A key as the admin API shows it: every field, never a secret; money as a decimal string."""
     return {
@@ -43,7 +37,7 @@ def key_json(info: ApiKeyInfo) -> dict[str, Any]:
         "name": info.name,
         "prefix": info.prefix,
         "scope": info.scope,
-        "status": _status(info),
+        "status": info.status(datetime.now(UTC)),
         "owner": info.owner,
         "metadata": info.metadata,
         "allowed_models": None if info.allowed_models is None else list(info.allowed_models),

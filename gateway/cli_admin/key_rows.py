@@ -16,12 +16,6 @@ SHORT_ID = 8
 _PER = {"total": "", "daily": "/day", "monthly": "/month"}
 
 
-def _status(info: ApiKeyInfo) -> str:
-    if info.revoked_at is not None:
-        return "revoked"
-    return "active" if info.is_usable(datetime.now(UTC)) else "expired"
-
-
 def key_row(info: ApiKeyInfo) -> dict[str, Any]:
     """Every field, flat: one CSV row, or a JSON object."""
     return {
@@ -29,7 +23,7 @@ def key_row(info: ApiKeyInfo) -> dict[str, Any]:
         "name": info.name,
         "prefix": info.prefix,
         "scope": info.scope,
-        "status": _status(info),
+        "status": info.status(datetime.now(UTC)),
         "owner": info.owner,
         "models": "all" if info.allowed_models is None else ",".join(info.allowed_models),
         "rpm": info.rpm,
@@ -57,7 +51,7 @@ def key_summary(info: ApiKeyInfo) -> dict[str, Any]:
         "name": info.name,
         "key": info.prefix,
         "scope": info.scope,
-        "status": _status(info),
+        "status": info.status(datetime.now(UTC)),
         "models": "all" if info.allowed_models is None else ",".join(info.allowed_models),
         "limits": ", ".join(limits),
         "budget": budget,

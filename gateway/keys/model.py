@@ -84,6 +84,12 @@ class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
     def is_usable(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
+    def status(self, now: datetime) -> str:
+        """``active``, ``revoked`` or ``expired``, as listings show it."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "active" if self.is_usable(now) else "expired"
+
     @property
     def has_limits(self) -> bool:
         return any(v is not None for v in (self.rpm, self.tpm, self.max_concurrency, self.budget_usd))

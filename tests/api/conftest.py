@@ -23,6 +23,7 @@ import pytest
 
 from backends.base import Backend
 from gateway.settings import ModelConfig, RequestDefaults, Settings, load_settings
+from tests.conftest import PostgresServer
 from tests.live import LiveGateway, running_gateway
 
 LLAMA2_TOKENIZER_MODEL = Path(__file__).parents[2] / "gateway" / "data" / "llama2-tokenizer" / "tokenizer.model"
@@ -164,3 +165,12 @@ def client(served: Served) -> Iterator[openai.OpenAI]:
 def http(served: Served) -> Iterator[httpx.Client]:
     with served.http() as client:
         yield client
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_server(request: pytest.FixtureRequest) -> PostgresServer | None:
+    """The database server a module's gateway runs on: none (a SQLite file), then PostgreSQL."""
+    if request.param == "postgres":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        return server
+    return None

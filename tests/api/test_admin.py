@@ -43,14 +43,6 @@ ADMIN_ROUTES = [
 ]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_server(request: pytest.FixtureRequest) -> PostgresServer | None:
-    if request.param == "postgres":
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        return server
-    return None
-
-
 @pytest.fixture(scope="module")
 async def live(
     database_server: PostgresServer | None, tmp_path_factory: pytest.TempPathFactory

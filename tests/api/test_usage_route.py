@@ -21,14 +21,6 @@ PRICES = {"llama-2-70b-chat": (Decimal("0.65"), Decimal("2.75")), "llama-2-7b-ch
 MODELS = [scripted_model(name, price_in=str(i), price_out=str(o)) for name, (i, o) in PRICES.items()]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def database_server(request: pytest.FixtureRequest) -> PostgresServer | None:
-    if request.param == "postgres":
-        server: PostgresServer = request.getfixturevalue("postgres_server")
-        return server
-    return None
-
-
 @pytest.fixture(scope="module")
 async def live(
     database_server: PostgresServer | None, tmp_path_factory: pytest.TempPathFactory
