@@ -23,7 +23,7 @@ from gateway.billing import AccountingMetering
 from gateway.errors import ApiError
 from gateway.logging import litestar_logging_config
 from gateway.metering import Metering
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import RequestIdMiddleware, add_request_id_header
 from gateway.models import ModelRegistry, build_registry
 from gateway.observability import OBSERVABILITY_KEY, Observability
 from gateway.replicate.runner import close_predictions
@@ -107,6 +107,7 @@ def create_app(
     return Litestar(
         route_handlers=[health, ready, metrics, *OPENAI_ROUTES, REPLICATE_ROUTES, ADMIN_ROUTES, own_usage],
         middleware=[RequestIdMiddleware, *observability.middleware],
+        before_send=[add_request_id_header],
         guards=[require_api_key],
         exception_handlers={
             ApiError: _api_error_response,

@@ -1,4 +1,9 @@
-"""ASGI middleware: a request id on every request and response."""
+"""A request id on every request, and the ``x-request-id`` header on every response.
+
+The middleware gives routed requests their id before any handler runs (logs and usage rows use
+it). The header is added by a before-send hook, which Litestar runs for every response, also
+those its router answers itself (an unknown path, a wrong method), where no middleware runs.
+"""
 
 from __future__ import annotations
 
@@ -15,23 +20,25 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
+def _request_id(scope: Scope) -> str:
+    state = scope.setdefault("state", {})
+    rid: str = state.setdefault("request_id", new_request_id())
+    return rid
+
+
 class RequestIdMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await self.app(scope, receive, send)
-            return
-        rid = new_request_id()
-        scope.setdefault("state", {})["request_id"] = rid
-        encoded = rid.encode()
+        if scope["type"] == ScopeType.HTTP:
+            _request_id(scope)
+        await self.app(scope, receive, send)
 
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
-                headers.append((REQUEST_ID_HEADER, encoded))
-                message["headers"] = headers
-            await send(message)
 
-        await self.app(scope, receive, send_with_id)
+def add_request_id_header(message: Message, scope: Scope) -> None:
+    if message["type"] != "http.response.start":
+        return
+    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+    headers.append((REQUEST_ID_HEADER, _request_id(scope).encode()))
+    message["headers"] = headers

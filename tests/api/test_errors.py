@@ -225,6 +225,20 @@ def read_event(lines: Iterator[str]) -> str:
     return next(line for line in lines if line)
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/no-such-route", 404, "not_found"), ("DELETE", "/chat/completions", 405, "method_not_allowed")],
+)
+def test_router_answers_are_openai_shaped_with_a_request_id(
+    http: httpx.Client, method: str, path: str, status: int, code: str
+) -> None:
+    # Answered by the router itself, before any middleware: the header must still be there.
+    response = http.request(method, path)
+    assert response.status_code == status
+    assert response.headers["x-request-id"].startswith("req_")
+    assert response.json()["error"]["code"] == code
+
+
 def test_full_queue_answers_503_with_retry_after(served: Served, client: openai.OpenAI) -> None:
     running = {"model": BUSY, "messages": HELLO, "max_tokens": 500, "stream": True}
     with served.http() as http, http.stream("POST", "/chat/completions", json=running) as first:
