@@ -367,7 +367,10 @@ def _first_line(exc: BaseException) -> str:
 @dataclass(frozen=True, slots=True)
 class _Tokens:
     token_ids: tuple[int, ...]
+    """Tokens exllamav2 released for the text (it holds some back, e.g. an incomplete character)."""
     finish_reason: FinishReason | None = None
+    generated: int = 0
+    """Tokens sampled since the previous event, released or held: what the request is billed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,6 +389,8 @@ class _Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[_Event]
     job: Any = None
+    counted: int = 0
+    """Sampled tokens already reported, from the job's own count (held tokens included)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -624,6 +629,9 @@ class _GeneratorThread:
                 continue
             token_ids = _ids(result.get("token_ids"))
             finish: FinishReason | None = None
+            # exllamav2 holds tokens back while their text is incomplete (a character split over
+            # byte tokens), possibly for long; the job's own count says what was sampled meanwhile.
+            sampled = int(request.job.new_tokens)
             if result.get("eos"):
                 del self._active[request.key]
                 # On a stop token nothing is emitted: tokens held back for an incomplete
@@ -632,10 +640,14 @@ class _GeneratorThread:
                 reason = result.get("eos_reason")
                 if reason == "stop_token" and token_ids and token_ids[-1] == loaded.eos_token_id:
                     token_ids.pop()
+                    sampled -= 1  # EOS is never counted
                 finish = "length" if reason == "max_new_tokens" else "stop"
-            elif not token_ids:
+            generated = max(0, sampled - request.counted)
+            request.counted += generated
+            if not token_ids and not generated and finish is None:
                 continue
-            batches.setdefault(request.loop, []).append((request.events, _Tokens(tuple(token_ids), finish)))
+            event = _Tokens(tuple(token_ids), finish, generated)
+            batches.setdefault(request.loop, []).append((request.events, event))
         for loop, batch in batches.items():
             _post(loop, batch)
 
@@ -776,9 +788,11 @@ class ExLlamaV2Backend:
                 delta = text.push(event.token_ids)
                 if event.finish_reason is not None:
                     finished = True
-                    yield TokenDelta(delta + text.flush(), event.token_ids, event.finish_reason)
+                    yield TokenDelta(
+                        delta + text.flush(), event.token_ids, event.finish_reason, token_count=event.generated
+                    )
                     return
-                yield TokenDelta(delta, event.token_ids)
+                yield TokenDelta(delta, event.token_ids, token_count=event.generated)
         finally:
             if not finished:
                 thread.cancel(key)

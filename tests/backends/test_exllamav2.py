@@ -718,6 +718,47 @@ async def test_held_character_is_counted_when_eos_follows(
     assert deltas[-1].finish_reason == "stop"
 
 
+async def test_tokens_held_back_are_counted_while_held(
+    calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any
+) -> None:
+    # A lone lead byte that never completes a character: exllamav2 releases no token, possibly for
+    # thousands of steps, yet every sampled token is billed, and a cancellation mid-hold keeps them.
+    costs = ids_of(hf_tokenizer, "costs")
+    lead = hf_tokenizer.token_to_id("<0xE2>")
+    FakeGenerator.script = [*costs, *[lead] * 200, EOS]
+    backend = await started(model_dir)
+    try:
+        stream = backend.generate(request([1], max_tokens=3000))
+        deltas: list[TokenDelta] = []
+        async for delta in stream:
+            deltas.append(delta)
+            if sum(d.tokens for d in deltas) >= len(costs) + 20:
+                break
+        await stream.aclose()
+        job = FakeGenerator.instances[0].enqueued[0]
+    finally:
+        await backend.stop()
+    assert "".join(d.text for d in deltas) == "costs"
+    assert [t for d in deltas for t in d.token_ids] == costs  # nothing released after them
+    assert sum(d.tokens for d in deltas) == len(costs) + 20
+    assert job.new_tokens >= len(costs) + 20
+
+
+async def test_held_tokens_released_at_eos_are_not_counted_twice(
+    calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any
+) -> None:
+    lead = hf_tokenizer.token_to_id("<0xE2>")
+    FakeGenerator.script = [*ids_of(hf_tokenizer, "costs"), *[lead] * 7, EOS]
+    backend = await started(model_dir)
+    try:
+        deltas = await collect(backend, request([1], max_tokens=50))
+    finally:
+        await backend.stop()
+    assert [t for d in deltas for t in d.token_ids] == FakeGenerator.script[:-1]
+    assert sum(d.tokens for d in deltas) == len(FakeGenerator.script) - 1  # EOS not counted
+    assert deltas[-1].finish_reason == "stop"
+
+
 async def test_length_and_min_tokens(calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any) -> None:
     FakeGenerator.script = [EOS, *ids_of(hf_tokenizer, "a b c d e f g h"), EOS]
     backend = await started(model_dir)
