@@ -7,8 +7,8 @@ Error hierarchy::
     └── GenerationFailed         the engine failed in the middle of a generation
 
 Token counting convention (identical on every backend): ``completion_tokens`` counts every
-token the engine sampled and the client could see, excluding the end-of-sequence token that
-ended generation. A stop sequence ends generation after the token that completed it; that token
+token the engine sampled for the reply, including any it holds back from the text for a while,
+excluding the end-of-sequence token that ended generation. A stop sequence ends generation after the token that completed it; that token
 is counted even though the stop text itself is not returned.
 """
 
