@@ -8,8 +8,9 @@ Error hierarchy::
 
 Token counting convention (identical on every backend): ``completion_tokens`` counts every
 token the engine sampled for the reply, including any it holds back from the text for a while,
-excluding the end-of-sequence token that ended generation. A stop sequence ends generation after the token that completed it; that token
-is counted even though the stop text itself is not returned.
+excluding the end-of-sequence token that ended generation. A stop sequence ends generation
+after the token that completed it; that token is counted even though the stop text itself is
+not returned.
 """
 
 from __future__ import annotations
