@@ -19,7 +19,7 @@ from litestar.testing import TestClient
 
 from gateway.logging import REDACTED, build_formatter, litestar_logging_config, wants_json
 from gateway.metrics import GatewayMetrics
-from gateway.middleware import RequestIdMiddleware
+from gateway.middleware import RequestIdMiddleware, add_request_id_header
 from gateway.observe import RequestObserver
 from gateway.settings import Settings
 from gateway.usage.pricing import cost
@@ -159,6 +159,7 @@ def test_the_request_id_is_on_every_line_of_the_request(captured: io.StringIO) -
     app = Litestar(
         [work],
         middleware=[RequestIdMiddleware, DefineMiddleware(RequestObserver, metrics=GatewayMetrics())],
+        before_send=[add_request_id_header],
         logging_config=litestar_logging_config(),
     )
     with TestClient(app) as client:
