@@ -1,7 +1,8 @@
 """Liveness and readiness probes; both stay open without an API key.
 
 ``/health`` answers 200 while the process lives. ``/ready`` answers 200 only when the models are
-loaded, the database answers and the gateway is not shutting down; otherwise 503 with the reasons.
+loaded, the database (and Redis, when configured) answer and the gateway is not shutting down;
+otherwise 503 with the reasons.
 """
 
 from __future__ import annotations
@@ -29,8 +30,11 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
         reasons.append("models: not loaded")
     if state.draining:
         reasons.append("shutting down")
-    elif (problem := await observability(request).check_database()) is not None:
-        reasons.append(problem)
+    else:
+        if (problem := await observability(request).check_database()) is not None:
+            reasons.append(problem)
+        if state.ready and (problem := await state.accounting.limiter.problem()) is not None:
+            reasons.append(problem)  # shared limits out of reach: every request would get 503
     body = {
         "status": "unavailable" if reasons else "ready",
         "models": [r.name for r in state.models],

@@ -50,6 +50,10 @@ class Limiter(Protocol):
         ``worst_case_cost``, or raise a 429 ``ApiError``."""
         ...
 
+    async def problem(self) -> str | None:
+        """None when the limiter can admit requests, else why not (readiness)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 

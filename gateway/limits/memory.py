@@ -139,5 +139,8 @@ class MemoryLimiter:
     async def _load(self, key_id: str, start: datetime | None) -> Decimal:
         return Decimal(0) if self._spend_loader is None else await self._spend_loader(key_id, start)
 
+    async def problem(self) -> str | None:
+        return None  # in-process state is always there
+
     async def aclose(self) -> None:
         self._keys.clear()

@@ -50,6 +50,9 @@ def to_units(amount: Decimal, rounding: str = ROUND_CEILING) -> int:
     return int(amount.scaleb(8).to_integral_value(rounding=rounding))
 
 
+PING_TIMEOUT_S = 2.0
+
+
 class RedisLimiter:
     def __init__(
         self,
@@ -147,6 +150,15 @@ class RedisLimiter:
     def _spend_ttl(key: ApiKeyInfo) -> int:
         # A period's spend outlives the period by a day, for requests that straddle its end.
         return {"total": 0, "daily": 2 * 86400, "monthly": 32 * 86400}[key.budget_period]
+
+    async def problem(self) -> str | None:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                await self._client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:200]
+            return f"redis: {type(exc).__name__}: {detail}".rstrip(": ")
+        return None
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -9,7 +9,7 @@ import pytest
 
 from gateway.settings import Settings
 from tests.conftest import PostgresServer
-from tests.live import running_gateway
+from tests.live import free_port, running_gateway
 from tests.observability.conftest import metric_samples, sample, scripted_model
 
 
@@ -45,3 +45,16 @@ async def test_readiness_flips_when_the_database_goes_away(postgres_server: Post
                 assert sample(samples, "llama_gateway_backend_up", model="scripted") == 1
     finally:
         await postgres_server.drop(url)
+
+
+@pytest.mark.redis
+def test_readiness_needs_the_configured_redis(tmp_path: Path, redis_server: str) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'gateway.db'}"
+    with running_gateway(Settings(database_url=database, redis_url=redis_server, models=[scripted_model()])) as live:
+        assert httpx.get(live.base_url + "/ready").status_code == 200
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    with running_gateway(Settings(database_url=database, redis_url=dead, models=[scripted_model()])) as live:
+        ready = httpx.get(live.base_url + "/ready", timeout=10)
+    assert ready.status_code == 503
+    [reason] = ready.json()["reasons"]
+    assert reason.startswith("redis: ")
