@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -15,13 +14,13 @@ from gateway.errors import model_not_found
 from gateway.generation import Generation
 from gateway.keys import ApiKeyInfo
 from gateway.limits import Admission
-from gateway.metering import Ticket
+from gateway.metering import FinishOnce, Ticket
 from gateway.models import ModelRuntime
 from gateway.usage import UsageEntry, UsageStatus
 from gateway.usage.pricing import worst_case_cost
 
 
-class UsageTicket:
+class UsageTicket(FinishOnce):
     def __init__(
         self,
         accounting: Accounting,
@@ -41,19 +40,12 @@ class UsageTicket:
         self._endpoint = endpoint
         self._user = user
         self._started = datetime.now(UTC)
-        self._finishing: asyncio.Task[None] | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         return self._admission.headers
 
-    async def finish(self, generation: Generation, status: UsageStatus) -> None:
-        # The first call does the work; later or concurrent calls wait for the same outcome.
-        if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._record(generation, status))
-        await asyncio.shield(self._finishing)
-
-    async def _record(self, generation: Generation, status: UsageStatus) -> None:
+    async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
         if not generation.reached_backend:
             # Refused or abandoned before any engine work (queue, early disconnect): no usage.
             await self._admission.settle(0, Decimal(0))

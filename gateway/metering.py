@@ -7,6 +7,8 @@ complete always has its usage committed.
 
 from __future__ import annotations
 
+import abc
+import asyncio
 from typing import Any, Protocol
 
 from litestar import Request
@@ -15,7 +17,7 @@ from gateway.generation import Generation
 from gateway.models import ModelRuntime
 from gateway.usage.entry import UsageStatus
 
-__all__ = ["Metering", "NoMetering", "Ticket", "UsageStatus", "usage_status"]
+__all__ = ["FinishOnce", "Metering", "NoMetering", "Ticket", "UsageStatus", "usage_status"]
 
 
 class Ticket(Protocol):
@@ -27,6 +29,25 @@ class Ticket(Protocol):
     async def finish(self, generation: Generation, status: UsageStatus) -> None:
         """Record usage and settle reservations. Idempotent: only the first call counts."""
         ...
+
+
+class FinishOnce(abc.ABC):
+    """A ticket whose first ``finish`` does the work; later or concurrent calls wait for it.
+
+    The work is shielded: a request cancelled while its usage is being recorded (a client that
+    went away) does not cut the recording short.
+    """
+
+    _finishing: asyncio.Future[None] | None = None
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        if self._finishing is None:
+            self._finishing = asyncio.ensure_future(self._finish_once(generation, status))
+        await asyncio.shield(self._finishing)
+
+    @abc.abstractmethod
+    async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
+        """The work of the first ``finish``."""
 
 
 class Metering(Protocol):

@@ -26,7 +26,7 @@ from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 from gateway.drain import PROBE
 from gateway.generation import Generation
 from gateway.keys import ApiKeyInfo
-from gateway.metering import Metering, Ticket
+from gateway.metering import FinishOnce, Metering, Ticket
 from gateway.metrics import GatewayMetrics
 from gateway.models import ModelRuntime
 from gateway.usage import UsageStatus
@@ -101,7 +101,7 @@ def _outcome(
     )
 
 
-class ObservedTicket:
+class ObservedTicket(FinishOnce):
     def __init__(
         self,
         inner: Ticket,
@@ -119,19 +119,13 @@ class ObservedTicket:
         self._runtime = runtime
         self._endpoint = endpoint
         self._log_content = log_content
-        self._finishing: asyncio.Future[None] | None = None
         self.outcome: GenerationOutcome | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         return self._inner.headers
 
-    async def finish(self, generation: Generation, status: UsageStatus) -> None:
-        if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._finish(generation, status))
-        await asyncio.shield(self._finishing)
-
-    async def _finish(self, generation: Generation, status: UsageStatus) -> None:
+    async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
         recorded = False
         try:
             await self._inner.finish(generation, status)
