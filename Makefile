@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A native llama.cpp build picks CPU kernels (AMX) that crash on some hosts; portable kernels are safe.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test lint typecheck bench
+.PHONY: install serve test lint typecheck bench bench-formats
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -32,3 +32,6 @@ typecheck: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.streaming
+
+bench-formats: $(STAMP)
+	$(BIN)/python -m bench.compute_formats

@@ -12,12 +12,13 @@ import asyncio
 import codecs
 import ctypes
 import importlib.util
+import logging
 import random
 import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from backends.base import (
     BackendCapabilities,
@@ -28,9 +29,16 @@ from backends.base import (
     TokenDelta,
 )
 from backends.llamacpp_logging import route_llama_cpp_logs
+from backends.llamacpp_weights import ConversionError, Progress, ensure_converted, sha256_of
 
 if TYPE_CHECKING:
     from gateway.settings import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+WeightsFormat = Literal["stored", "f16", "bf16", "f32", "q8_0"]
+"""``stored``: the GGUF as it is; otherwise a conversion of it (see ``backends.llamacpp_weights``)."""
+_FORMATS: tuple[str, ...] = get_args(WeightsFormat)
 
 # Penalties look back over this many tokens, as llama.cpp's own server does by default.
 PENALTY_LAST_N = 64
@@ -43,19 +51,29 @@ class LlamaCppOptions:
     n_ctx: int
     n_threads: int | None
     n_batch: int
+    compute_format: WeightsFormat = "stored"
+    sha256: str | None = None
+    """The GGUF's expected SHA-256, checked before it is converted."""
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> LlamaCppOptions:
         options = dict(config.options)
-        unknown = set(options) - {"n_ctx", "n_threads", "n_batch"}
+        unknown = set(options) - {"n_ctx", "n_threads", "n_batch", "compute_format", "sha256"}
         if unknown:
             raise BackendUnavailable(
                 f"model {config.name!r}: unknown llamacpp option(s) {', '.join(sorted(unknown))}"
+            )
+        compute_format = options.get("compute_format", "stored")
+        if compute_format not in _FORMATS:
+            raise BackendUnavailable(
+                f"model {config.name!r}: compute_format must be one of {', '.join(_FORMATS)}, not {compute_format!r}"
             )
         return cls(
             n_ctx=int(options.get("n_ctx", config.context_length)),
             n_threads=int(options["n_threads"]) if "n_threads" in options else None,
             n_batch=int(options.get("n_batch", 512)),
+            compute_format=compute_format,
+            sha256=str(options["sha256"]).lower() if options.get("sha256") else None,
         )
 
 
@@ -70,9 +88,11 @@ class _Slot:
 class LlamaCppBackend:
     """A GGUF model served by llama.cpp, ``max_concurrency`` contexts side by side."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, weights_dir: Path | None = None) -> None:
+        """``weights_dir`` caches converted weights (needed when ``compute_format`` is not ``stored``)."""
         self._config = config
         self._options = LlamaCppOptions.from_config(config)
+        self._weights_dir = weights_dir
         self._slots: asyncio.Queue[_Slot] | None = None
         self._all_slots: list[_Slot] = []
         self._capabilities = BackendCapabilities(
@@ -89,7 +109,36 @@ class LlamaCppBackend:
         if importlib.util.find_spec("llama_cpp") is None:
             raise BackendUnavailable(f"model {self._config.name!r}: llama-cpp-python is not installed")
         if not self._config.path or not Path(self._config.path).is_file():
-            raise BackendUnavailable(f"model {self._config.name!r}: GGUF file {self._config.path} does not exist")
+            raise BackendUnavailable(
+                f"model {self._config.name!r}: GGUF file {self._config.path} does not exist; fix its 'path'"
+            )
+        if self._options.compute_format != "stored" and self._weights_dir is None:
+            raise BackendUnavailable(f"model {self._config.name!r}: compute_format needs a weights directory")
+
+    def prepare_weights(self, progress: Progress | None = None) -> Path:
+        """The GGUF file to load: the configured one, or its conversion (made now if not cached).
+
+        Blocking; a first conversion of the embedded model takes a few seconds.
+        """
+        self.preflight()
+        source = Path(str(self._config.path))
+        fmt = self._options.compute_format
+        if fmt == "stored" or self._weights_dir is None:
+            if self._options.sha256 is not None and sha256_of(source) != self._options.sha256:
+                raise BackendUnavailable(
+                    f"model {self._config.name!r}: {source} does not have the SHA-256 its 'sha256' option names"
+                )
+            return source
+        try:
+            weights = ensure_converted(
+                source, fmt, self._weights_dir, expected_sha256=self._options.sha256, progress=progress
+            )
+        except ConversionError as exc:
+            raise BackendUnavailable(f"model {self._config.name!r}: {exc}") from exc
+        if weights.converted:
+            message = "converted %s to %s for llama.cpp in %.1f s: %s"
+            logger.info(message, source.name, fmt.upper(), weights.seconds, weights.path)
+        return weights.path
 
     async def start(self) -> None:
         try:
@@ -97,9 +146,7 @@ class LlamaCppBackend:
         except ImportError as exc:
             raise BackendUnavailable("llama-cpp-python is not installed") from exc
         route_llama_cpp_logs()
-        path = self._config.path
-        if path is None:
-            raise BackendUnavailable(f"model {self._config.name!r} has no 'path' to a GGUF file")
+        path = str(await asyncio.to_thread(self.prepare_weights))
 
         def load() -> Any:
             try:
@@ -111,9 +158,7 @@ class LlamaCppBackend:
                     verbose=False,
                 )
             except (ValueError, RuntimeError) as exc:
-                raise BackendUnavailable(
-                    f"llama.cpp could not load {self._config.path}: {exc}"
-                ) from exc
+                raise BackendUnavailable(f"llama.cpp could not load {path}: {exc}") from exc
 
         self._slots = asyncio.Queue()
         for _ in range(self._config.max_concurrency):

@@ -1,6 +1,7 @@
 """Streaming speed through the gateway against llama-cpp-python called directly.
 
-Both sides stream the same completion of the bundled SmolLM2 GGUF: the same prompt token ids,
+Both sides stream the same completion of the bundled SmolLM2 in the F16 form the embedded default
+serves: the same prompt token ids,
 greedy decoding, the same number of new tokens, the same ``n_threads``.
 
 - direct: ``Llama.create_completion(prompt_ids, stream=True, temperature=0)`` in this process;
@@ -38,7 +39,8 @@ import numpy as np
 import openai
 import yaml
 
-from gateway.settings import EMBEDDED_MODEL_NAME, embedded_model_path
+from backends.llamacpp_weights import ensure_converted
+from gateway.settings import EMBEDDED_GGUF_SHA256, EMBEDDED_MODEL_NAME, Settings, embedded_model_path
 from gateway.tokenizers import GGUFTokenizer
 
 PROMPT = "Write a long, detailed essay about the history of Paris, from Roman times to today."
@@ -269,7 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
 
-    model = embedded_model_path()
+    # The weights the embedded default serves: the bundled file converted to F16 (cached after the first run).
+    model = ensure_converted(
+        embedded_model_path(), "f16", Settings().weights_dir(), expected_sha256=EMBEDDED_GGUF_SHA256
+    ).path
     prompt_ids = chat_prompt_ids(GGUFTokenizer.from_file(model), PROMPT)
     cpus = os.cpu_count()
     print("llama-gateway streaming benchmark: direct llama-cpp-python vs. the gateway")

@@ -74,7 +74,7 @@ def create_app(
     metering: Metering | None = None,
 ) -> Litestar:
     """Build the gateway app. ``backends`` replaces engines by model name (tests, benchmarks)."""
-    registry: ModelRegistry = build_registry(settings.models, dict(backends or {}))
+    registry: ModelRegistry = build_registry(settings.models, dict(backends or {}), settings.weights_dir())
     state = GatewayState(settings=settings, models=registry)
     if metering is not None:
         state.metering = metering

@@ -22,18 +22,24 @@ def main() -> None:
 def serve(config_path: str | None, host: str | None, port: int | None, workers: int) -> None:
     """Serve the OpenAI-compatible API with uvicorn."""
     from backends.base import BackendUnavailable
+    from gateway.logging import configure_logging
     from gateway.models import preflight
     from gateway.serve import run
+    from gateway.startup import StartupError, check_startup
+    from gateway.terminal import conversion_progress
 
     try:
         settings = load_settings(config_path)
-        preflight(settings.models)
-    except (ConfigError, BackendUnavailable) as exc:
+        configure_logging(settings)
+        with conversion_progress() as progress:
+            preflight(settings.models, settings.weights_dir(), progress)
+        if host is not None:
+            settings.host = host
+        if port is not None:
+            settings.port = port
+        check_startup(settings)
+    except (ConfigError, BackendUnavailable, StartupError) as exc:
         raise click.ClickException(str(exc)) from exc
-    if host is not None:
-        settings.host = host
-    if port is not None:
-        settings.port = port
     run(settings, workers=workers, config_path=config_path)
 
 

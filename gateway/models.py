@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from backends.base import Backend, Preflight
 from gateway.errors import model_not_found
@@ -16,12 +17,15 @@ from gateway.settings import ConfigError, ModelConfig
 from gateway.tokenizers import Tokenizer, load_chat_template, load_tokenizer
 
 
-def create_backend(config: ModelConfig) -> Backend:
-    """The backend named by the config; engines are imported only when configured."""
+def create_backend(config: ModelConfig, weights_dir: Path | None = None) -> Backend:
+    """The backend named by the config; engines are imported only when configured.
+
+    ``weights_dir`` is where llama.cpp keeps weights it converts (``compute_format``).
+    """
     if config.backend == "llamacpp":
         from backends.llamacpp import LlamaCppBackend
 
-        return LlamaCppBackend(config)
+        return LlamaCppBackend(config, weights_dir=weights_dir)
     if config.backend == "exllamav2":
         from backends.exllamav2 import ExLlamaV2Backend
 
@@ -110,21 +114,33 @@ class ModelRegistry:
             await runtime.backend.stop()
 
 
-def build_registry(configs: Sequence[ModelConfig], backends: dict[str, Backend] | None = None) -> ModelRegistry:
+def build_registry(
+    configs: Sequence[ModelConfig], backends: dict[str, Backend] | None = None, weights_dir: Path | None = None
+) -> ModelRegistry:
     """Runtimes for every configured model; ``backends`` overrides engines by model name."""
     runtimes = []
     for config in configs:
-        backend = (backends or {}).get(config.name) or create_backend(config)
+        backend = (backends or {}).get(config.name) or create_backend(config, weights_dir)
         tokenizer = load_tokenizer(config)
         template = None if config.template == "llama-2" else load_chat_template(config)
         runtimes.append(ModelRuntime(config, backend, tokenizer, template))
     return ModelRegistry(runtimes)
 
 
-def preflight(configs: Sequence[ModelConfig]) -> None:
-    """Check every model can be served here, so ``serve`` refuses to start with one clear sentence."""
+WeightsProgress = Callable[[str], Callable[[int, int], None]]
+"""Given a model's name, a callback for (bytes done, bytes in all) while its weights are converted."""
+
+
+def preflight(
+    configs: Sequence[ModelConfig], weights_dir: Path | None = None, progress: WeightsProgress | None = None
+) -> None:
+    """Check every model can be served here, so ``serve`` refuses to start with one clear sentence,
+    and make the weights files that backends convert (once; later starts find them)."""
     for config in configs:
-        backend = create_backend(config)
+        backend = create_backend(config, weights_dir)
         if isinstance(backend, Preflight):
             backend.preflight()
+        prepare = getattr(backend, "prepare_weights", None)
+        if prepare is not None:
+            prepare(progress(config.name) if progress is not None else None)
         load_tokenizer(config)

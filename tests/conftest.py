@@ -8,6 +8,10 @@ from typing import NoReturn
 
 import pytest
 
+from tests.embedded import direct_engine
+
+__all__ = ["direct_engine"]  # a fixture shared by the API and backend tests
+
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA2_REFERENCE = FIXTURES / "llama2-tokenizer"
 LLAMA2_TOKENIZER = Path(__file__).parent.parent / "gateway" / "data" / "llama2-tokenizer"

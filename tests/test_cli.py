@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
 from gateway.cli import main
+from tests.conftest import PostgresServer
 
 
 def _config(tmp_path: Path, model: dict[str, object]) -> Path:
@@ -56,3 +58,69 @@ def test_invalid_config_value_names_the_field(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["serve", "--config", str(path)])
     assert result.exit_code == 1
     assert "port" in result.output
+
+
+def serve_in_a_process(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``llama-gateway serve`` as an operator runs it, in a process of its own."""
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", "from gateway.cli import main; main()", "serve", *args],
+        capture_output=True, text=True, timeout=120, env=os.environ | (env or {}),
+    )
+
+
+def assert_one_sentence(result: subprocess.CompletedProcess[str], starts_with: str) -> str:
+    assert result.returncode == 1
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(starts_with), lines[0]
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def _scripted_config(tmp_path: Path, database_url: str) -> Path:
+    path = tmp_path / "config.yaml"
+    model = {"name": "m", "backend": "scripted", "template": "llama-2",
+             "tokenizer": str(Path(__file__).parents[1] / "gateway/data/llama2-tokenizer/tokenizer.model")}
+    path.write_text(yaml.safe_dump({"database_url": database_url, "models": [model]}))
+    return path
+
+
+def test_a_port_in_use_is_one_sentence(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _scripted_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/gw.db")
+        result = serve_in_a_process("--config", str(config), "--port", str(port))
+    line = assert_one_sentence(result, f"Error: port {port} on 127.0.0.1 is already in use")
+    assert "--port" in line
+
+
+def test_an_unreachable_database_is_one_sentence(tmp_path: Path) -> None:
+    config = _scripted_config(tmp_path, "postgresql+asyncpg://postgres@127.0.0.1:1/test")
+    line = assert_one_sentence(serve_in_a_process("--config", str(config)), "Error: cannot open the database at")
+    assert "LLAMA_GATEWAY_DATABASE_URL" in line
+
+
+@pytest.mark.postgres
+async def test_a_database_behind_its_migrations_is_one_sentence(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    url = await postgres_server.create(migrated=False)
+    try:
+        config = _scripted_config(tmp_path, url)
+        line = assert_one_sentence(serve_in_a_process("--config", str(config)), "Error: The database at")
+        assert "llama-gateway db upgrade" in line
+    finally:
+        await postgres_server.drop(url)
+
+
+def test_an_invalid_initial_admin_key_is_one_sentence(tmp_path: Path) -> None:
+    config = _scripted_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/gw.db")
+    result = serve_in_a_process("--config", str(config), env={"LLAMA_GATEWAY_INITIAL_ADMIN_KEY": "sk-short"})
+    assert_one_sentence(result, "Error: initial_admin_key: a preset key must be")
+    assert not (tmp_path / "gw.db").exists()

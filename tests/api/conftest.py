@@ -24,6 +24,7 @@ import pytest
 from backends.base import Backend
 from gateway.settings import ModelConfig, RequestDefaults, Settings, load_settings
 from tests.conftest import PostgresServer
+from tests.embedded import shared_data_dir
 from tests.live import LiveGateway, running_gateway
 
 LLAMA2_TOKENIZER_MODEL = Path(__file__).parents[2] / "gateway" / "data" / "llama2-tokenizer" / "tokenizer.model"
@@ -36,7 +37,7 @@ TEST_CONTEXT = 2048
 def embedded_model(**changes: Any) -> ModelConfig:
     """The bundled SmolLM2 model exactly as the zero-config gateway serves it, with a smaller context."""
     model = load_settings(environ={}).models[0]
-    model = replace_struct(model, context_length=TEST_CONTEXT, options={"n_ctx": TEST_CONTEXT})
+    model = replace_struct(model, context_length=TEST_CONTEXT, options=model.options | {"n_ctx": TEST_CONTEXT})
     return replace_struct(model, **changes)
 
 
@@ -137,6 +138,7 @@ def serve(
 ) -> Iterator[Served]:
     """Serve ``models``; ``backends`` are engines the test keeps a hand on, by model name."""
     db_path = tmp_path_factory.mktemp("gateway-db") / "gateway.db"
+    settings_fields.setdefault("data_dir", str(shared_data_dir(tmp_path_factory)))
     settings = Settings(database_url=f"sqlite+aiosqlite:///{db_path}", models=models, **settings_fields)
     with running_gateway(settings, backends=backends) as live:
         yield Served(live, db_path)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,8 +14,9 @@ import pytest
 
 from backends.base import BackendUnavailable, GenerationRequest, SamplingParams, TokenDelta
 from backends.llamacpp import LlamaCppBackend
-from gateway.settings import ModelConfig, embedded_model_path
+from gateway.settings import EMBEDDED_GGUF_SHA256, ModelConfig, embedded_model_path
 from gateway.tokenizers import GGUFTokenizer, SentencePieceTokenizer
+from tests.embedded import DirectEngine, shared_data_dir
 
 CONTEXT = 1024
 
@@ -29,9 +32,20 @@ def config(path: Path, **changes: Any) -> ModelConfig:
     return ModelConfig(**(fields | changes))
 
 
+def embedded_config(compute_format: str = "f16", **options: Any) -> ModelConfig:
+    """The bundled SmolLM2 as the embedded default serves it: F16 from the shipped Q4_1 file."""
+    fields = {"n_ctx": CONTEXT, "compute_format": compute_format, "sha256": EMBEDDED_GGUF_SHA256} | options
+    return config(embedded_model_path(), options=fields)
+
+
 @pytest.fixture(scope="module")
-async def smollm() -> AsyncIterator[LlamaCppBackend]:
-    backend = LlamaCppBackend(config(embedded_model_path()))
+def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return shared_data_dir(tmp_path_factory) / "weights"
+
+
+@pytest.fixture(scope="module")
+async def smollm(weights_dir: Path) -> AsyncIterator[LlamaCppBackend]:
+    backend = LlamaCppBackend(embedded_config(), weights_dir=weights_dir)
     await backend.start()
     yield backend
     await backend.stop()
@@ -71,7 +85,7 @@ def text(deltas: list[TokenDelta]) -> str:
 
 async def test_greedy_answer_and_token_accounting(smollm: LlamaCppBackend, vocab: GGUFTokenizer) -> None:
     deltas = await generate(smollm, chat_ids(vocab, "What is the capital of France?"), temperature=0, max_tokens=32)
-    assert "Paris" in text(deltas)
+    assert "Paris" in text(deltas), "the F16 weights answer simple questions right on every CPU"
     assert deltas[-1].finish_reason == "stop"
     assert all(d.finish_reason is None for d in deltas[:-1])
     assert vocab.eos_id not in ids(deltas), "the EOS that ended generation is not counted"
@@ -128,15 +142,36 @@ async def test_logit_bias(smollm: LlamaCppBackend, vocab: GGUFTokenizer) -> None
     assert ids(forced) == [banana] * 3
 
 
-async def test_multibyte_characters_are_never_split(smollm: LlamaCppBackend, vocab: GGUFTokenizer) -> None:
-    prompt = chat_ids(vocab, "Write three emoji that show happiness.")
+async def test_greedy_output_equals_llama_cpp_called_directly(
+    smollm: LlamaCppBackend, direct_engine: DirectEngine
+) -> None:
+    for question in ("What is the capital of France?", "Tell me a story about a dragon."):
+        prompt = direct_engine.chat_ids(question)
+        deltas = await generate(smollm, prompt, temperature=0, max_tokens=48)
+        assert ids(deltas) == direct_engine.greedy(prompt, max_tokens=48)
+        assert text(deltas) == direct_engine.decode(ids(deltas))
+
+
+# Four-byte characters: SmolLM2's byte-level vocabulary spells each over two or more tokens.
+PARROTS = "🦜🐉🦜🐉🦜🐉🦜🐉"
+
+
+async def test_multibyte_characters_are_never_split(
+    smollm: LlamaCppBackend, vocab: GGUFTokenizer, direct_engine: DirectEngine
+) -> None:
+    # A copying task: the reply holds the emoji whatever the CPU, so their bytes arrive in pieces.
+    prompt = direct_engine.chat_ids(f"Repeat exactly, with nothing else: {PARROTS}")
     deltas = await generate(smollm, prompt, temperature=0, max_tokens=40)
     tokens = ids(deltas)
+    assert tokens == direct_engine.greedy(prompt, max_tokens=40)
     partial = [token for token in tokens if "\ufffd" in vocab.decode([token])]
-    assert partial, "the reply should hold characters spread over several tokens"
-    assert all("\ufffd" not in d.text for d in deltas)
+    assert partial, f"no character of {text(deltas)!r} was split across tokens"
+    # Only a reply cut off by max_tokens inside a character ends with U+FFFD, as decoding its ids does.
+    assert all("\ufffd" not in d.text for d in deltas[:-1])
     assert all(d.text for d in deltas if d.finish_reason is None), "a delta carries text or waits"
     assert text(deltas) == vocab.decode(tokens)
+    # A delta that held back an incomplete character carries the ids of every token it waited for.
+    assert any(len(d.token_ids) > 1 for d in deltas)
 
 
 async def test_sentencepiece_reply_loses_its_leading_space(tiny: LlamaCppBackend, llama2_tokenizer_dir: Path) -> None:
@@ -189,8 +224,9 @@ async def test_cancellation_frees_the_slot_at_once(smollm: LlamaCppBackend, voca
         await asyncio.sleep(0.005)
         assert time.monotonic() - started < 1, "the worker thread kept the slot"
     # The slot serves the next request, from a clean state.
-    deltas = await generate(smollm, chat_ids(vocab, "What is the capital of France?"), temperature=0, max_tokens=32)
-    assert "Paris" in text(deltas)
+    prompt = chat_ids(vocab, "What is the capital of France?")
+    deltas = await generate(smollm, prompt, temperature=0, max_tokens=32)
+    assert ids(deltas) == ids(await generate(smollm, prompt, temperature=0, max_tokens=32))
 
 
 async def test_cancelling_the_consuming_task(smollm: LlamaCppBackend, vocab: GGUFTokenizer) -> None:
@@ -234,3 +270,41 @@ async def test_generate_before_start_is_unavailable(tiny_model_dir: Path) -> Non
     backend = LlamaCppBackend(config(tiny_model_dir / "model.gguf"))
     with pytest.raises(BackendUnavailable):
         await generate(backend, [1, 2, 3])
+
+
+async def test_the_stored_quantized_weights_stay_selectable(vocab: GGUFTokenizer, tmp_path: Path) -> None:
+    backend = LlamaCppBackend(embedded_config("stored"), weights_dir=tmp_path)
+    assert backend.prepare_weights() == embedded_model_path()
+    await backend.start()
+    try:
+        deltas = await generate(backend, chat_ids(vocab, "What is the capital of France?"), temperature=0, max_tokens=8)
+    finally:
+        await backend.stop()
+    assert ids(deltas)
+    assert not any(tmp_path.iterdir()), "nothing is converted for the stored format"  # noqa: ASYNC240
+
+
+def test_a_first_conversion_logs_one_line_with_its_time(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    backend = LlamaCppBackend(embedded_config(), weights_dir=tmp_path)
+    with caplog.at_level(logging.INFO):
+        path = backend.prepare_weights()
+        again = backend.prepare_weights()
+    assert path == again
+    assert path.parent == tmp_path
+    [record] = [r for r in caplog.records if r.name.startswith(("backends", "gguf"))]
+    expected = r"converted SmolLM2-135M-Instruct\.Q4_1\.gguf to F16 for llama\.cpp in [0-9.]+ s: .+"
+    assert re.fullmatch(expected, record.getMessage())
+
+
+def test_a_weights_file_with_the_wrong_checksum_is_refused(tmp_path: Path) -> None:
+    for compute_format in ("stored", "f16"):
+        backend = LlamaCppBackend(embedded_config(compute_format, sha256="ab" * 32), weights_dir=tmp_path)
+        with pytest.raises(BackendUnavailable, match="SHA-256"):
+            backend.prepare_weights()
+
+
+def test_compute_format_is_checked() -> None:
+    with pytest.raises(BackendUnavailable, match="compute_format must be one of stored, f16, bf16, f32, q8_0"):
+        LlamaCppBackend(embedded_config("q2_k"))
+    with pytest.raises(BackendUnavailable, match="weights directory"):
+        LlamaCppBackend(embedded_config("f16")).preflight()
