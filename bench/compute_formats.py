@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import GenerationRequest, SamplingParams
-from backends.llamacpp import LlamaCppBackend
-from gateway.prompts import Message
-from gateway.prompts.jinja import build_jinja_prompt
+from backends.llamacpp.backend import LlamaCppBackend
+from gateway.serving.prompts import Message
+from gateway.serving.prompts.jinja import build_jinja_prompt
+from gateway.serving.tokenizers import load_chat_template, load_tokenizer
 from gateway.settings import ModelConfig, embedded_model
-from gateway.tokenizers import load_chat_template, load_tokenizer
 
 FORMATS = ("stored", "q8_0", "f16", "bf16", "f32")
 CONTEXT = 1024

@@ -39,9 +39,9 @@ import numpy as np
 import openai
 import yaml
 
-from backends.llamacpp_weights import ensure_converted
+from backends.llamacpp.weights import ensure_converted
+from gateway.serving.tokenizers import GGUFTokenizer
 from gateway.settings import EMBEDDED_GGUF_SHA256, EMBEDDED_MODEL_NAME, Settings, embedded_model_path
-from gateway.tokenizers import GGUFTokenizer
 
 PROMPT = "Write a long, detailed essay about the history of Paris, from Roman times to today."
 CONTEXT = 2048

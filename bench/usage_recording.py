@@ -76,9 +76,9 @@ def serve(args: argparse.Namespace) -> None:
     """The gateway process: as ``llama-gateway serve`` runs it, with or without metering."""
     import uvicorn
 
-    from gateway.app import create_app
-    from gateway.logging import configure_logging
-    from gateway.metering import NoMetering
+    from gateway.accounting.metering import NoMetering
+    from gateway.api.app import create_app
+    from gateway.observability.logs import configure_logging
 
     settings = gateway_settings(args.database_url, args.port, os.environ["BENCH_ADMIN_KEY"], args.log_level)
     configure_logging(settings)

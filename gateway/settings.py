@@ -185,7 +185,7 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
 
 
 def _check(settings: Settings) -> None:
-    from gateway.keys.model import InvalidKeyFields, check_preset_key
+    from gateway.accounting.keys.records import InvalidKeyFields, check_preset_key
 
     if settings.initial_admin_key is not None:
         try:

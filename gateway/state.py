@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from litestar.connection import ASGIConnection
 
-from gateway.metering import Metering, NoMetering
-from gateway.models import ModelRegistry
+from gateway.accounting.metering import Metering, NoMetering
+from gateway.serving.registry import ModelRegistry
 from gateway.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.accounting import Accounting
+    from gateway.accounting.services import Accounting
 
 STATE_KEY = "gateway"
 AnyConnection = ASGIConnection[Any, Any, Any, Any]

@@ -14,7 +14,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from gateway.db.engine import async_url, make_engine
-from gateway.db.models import Base
+from gateway.db.tables import Base
 
 config = context.config
 target_metadata = Base.metadata

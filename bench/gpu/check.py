@@ -370,7 +370,7 @@ def gateway_config(path: Path, model_dir: Path, db_url: str) -> Path:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from gateway.cli import main; main()", *args]
+    return [sys.executable, "-c", "from gateway.cli.main import main; main()", *args]
 
 
 def create_api_key(config: Path, env: dict[str, str]) -> tuple[str | None, dict[str, Any]]:

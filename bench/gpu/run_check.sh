@@ -58,7 +58,7 @@ log "installed $(ls .whl/*.whl | wc -l) wheels in ${WHEELS_S}s"
 python3 -c "
 import sys, time
 from pathlib import Path
-from gateway.tinymodel import write_tiny_model
+from gateway.devtools.tiny_model import write_tiny_model
 out, done = Path(sys.argv[1]), Path(sys.argv[1]) / '.complete'
 started = time.monotonic()
 if not done.is_file():

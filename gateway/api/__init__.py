@@ -1,1 +1,2 @@
-"""HTTP routes: OpenAI-compatible API, health, and (elsewhere) admin and Replicate-style routes."""
+"""The HTTP surface: the Litestar app and its routes (OpenAI, Replicate, admin, usage, probes),
+authentication, request ids, and running it under uvicorn."""

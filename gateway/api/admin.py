@@ -15,13 +15,13 @@ from typing import Any
 import msgspec
 from litestar import Request, Router, delete, get, patch, post
 
-from gateway.api.usage import run_report, usage_query
-from gateway.auth import ADMIN
+from gateway.accounting.keys import ApiKeyInfo, InvalidKeyFields, KeyNotFound, KeyStore, KeyUpdate, NewKey
+from gateway.accounting.usage import format_usd
+from gateway.api.auth import ADMIN
+from gateway.api.openai.request_bodies import decode_body
+from gateway.api.usage_reports import run_report, usage_query
 from gateway.errors import ApiError, invalid_request
-from gateway.keys import ApiKeyInfo, InvalidKeyFields, KeyNotFound, KeyStore, KeyUpdate, NewKey
-from gateway.schemas import decode_body
 from gateway.state import gateway_state
-from gateway.usage import format_usd
 
 AnyRequest = Request[Any, Any, Any]
 _TRUE = ("1", "true", "yes")

@@ -15,7 +15,7 @@ from gateway.db.engine import (
     safe_url,
     upgrade_database,
 )
-from gateway.db.models import ApiKey, Base, UsageRecord
+from gateway.db.tables import ApiKey, Base, UsageRecord
 
 __all__ = [
     "ApiKey",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from gateway.db.types import Money, UtcDateTime
+from gateway.db.column_types import Money, UtcDateTime
 
 revision: str = "0001"
 down_revision: str | None = None

@@ -22,8 +22,9 @@ from typing import Any
 import httpx
 import yaml
 
-from tests.accounting.gateways import LLAMA2_TOKENIZER_MODEL, bearer, usage_rows
-from tests.live import free_port
+from tests.support.gateways import bearer, usage_rows
+from tests.support.live import free_port
+from tests.support.paths import LLAMA2_TOKENIZER_MODEL
 
 CLIENTS = 48
 KILL_AFTER_COMPLETED = 150

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.accounting.gateways import (
+from tests.support.gateways import (
     bearer,
     create_key,
     exact_cost,

@@ -14,7 +14,7 @@ from decimal import Decimal
 import httpx
 
 from gateway.db import UsageRecord
-from tests.accounting.gateways import (
+from tests.support.gateways import (
     bearer,
     create_key,
     exact_cost,

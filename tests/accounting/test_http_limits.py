@@ -14,8 +14,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.accounting.gateways import create_key, forget_redis_limits, gateway, scripted_model
-from tests.live import LiveGateway
+from tests.support.gateways import create_key, forget_redis_limits, gateway, scripted_model
+from tests.support.live import LiveGateway
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello!"}]
 MODELS = [

@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from tests.accounting.gateways import admin_client, bearer, create_key, gateway, scripted_model
+from tests.support.gateways import admin_client, bearer, create_key, gateway, scripted_model
 
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello!"}]
 MODELS = [scripted_model("open-model"), scripted_model("other-model"), scripted_model("third-model")]

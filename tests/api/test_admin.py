@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.accounting.gateways import (
+from tests.support.gateways import (
     admin_client,
     bearer,
     create_key,
@@ -22,7 +22,7 @@ from tests.accounting.gateways import (
     scripted_model,
     shared_database,
 )
-from tests.live import LiveGateway
+from tests.support.live import LiveGateway
 
 if TYPE_CHECKING:
     from conftest import PostgresServer

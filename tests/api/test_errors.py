@@ -14,7 +14,8 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from backends.base import GenerationFailed, GenerationRequest, TokenDelta
 from backends.scripted import ScriptedBackend
-from tests.api.conftest import Served, scripted_model, serve, sse_payloads
+from tests.support.model_configs import scripted_model
+from tests.support.served import Served, serve, sse_payloads
 
 ECHO = "echo"
 BUSY = "busy"

@@ -36,8 +36,9 @@ from backends.exllamav2 import (
     sampler_settings_kwargs,
 )
 from gateway.settings import ModelConfig
+from tests.support.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = REPO_ROOT
 GPU_CHECK = REPO / "bench" / "gpu"
 EOS = 2
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
@@ -12,9 +11,10 @@ import pytest
 from backends.base import BackendUnavailable, GenerationRequest, SamplingParams
 from backends.openai_upstream import UpstreamOptions, request_body
 from gateway.settings import ModelConfig, Settings
-from tests.live import LiveGateway, free_port, running_gateway
+from tests.support.live import LiveGateway, free_port, running_gateway
+from tests.support.paths import LLAMA2_TOKENIZER_MODEL
 
-TOKENIZER = Path(__file__).parents[2] / "gateway" / "data" / "llama2-tokenizer" / "tokenizer.model"
+TOKENIZER = LLAMA2_TOKENIZER_MODEL
 REPLY = "Paris is the capital of France ."
 
 

@@ -23,7 +23,7 @@ from gateway.db import (
     pending_migrations,
     upgrade_database,
 )
-from gateway.db.models import ApiKey, Base
+from gateway.db.tables import ApiKey, Base
 
 
 async def test_upgrade_creates_tables_and_report_indexes(db_url: str) -> None:

@@ -19,7 +19,8 @@ import kubernetes_validate  # type: ignore[import-untyped, unused-ignore]
 import pytest
 import yaml
 
-CHART_DIR = Path(__file__).resolve().parents[2] / "helm" / "llama-gateway"
+from tests.support.paths import CHART_DIR
+
 GPU_VALUES = CHART_DIR / "ci" / "gpu-values.yaml"
 KUBE_VERSION = "1.33.0"
 RELEASE = "gw"

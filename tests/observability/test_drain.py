@@ -9,13 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.observability.conftest import (
-    GatewayProcess,
-    chat_body,
-    gateway_process,
-    scripted_model,
-    wait_for,
-)
+from tests.support.gateway_process import GatewayProcess, chat_body, gateway_process, scripted_model, wait_for
 
 TWENTY_WORDS = " ".join(f"w{i}" for i in range(20))
 

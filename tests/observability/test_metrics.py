@@ -11,10 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.accounting.usage.pricing import cost
 from gateway.settings import Settings
-from gateway.usage.pricing import cost
-from tests.live import LiveGateway, running_gateway
-from tests.observability.conftest import (
+from tests.support.gateway_process import (
     INPUT_PRICE,
     OUTPUT_PRICE,
     chat_body,
@@ -24,6 +23,7 @@ from tests.observability.conftest import (
     scripted_model,
     wait_for,
 )
+from tests.support.live import LiveGateway, running_gateway
 
 CHAT = "/v1/chat/completions"
 

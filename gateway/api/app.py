@@ -1,0 +1,121 @@
+"""The Litestar application, built by `create_app(settings)`; nothing happens at import time."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.exceptions import HTTPException, ValidationException
+
+from backends.base import Backend
+from gateway.accounting.billing import AccountingMetering
+from gateway.accounting.metering import Metering
+from gateway.accounting.services import ensure_initial_admin_key, initial_key_notice, open_accounting
+from gateway.api.admin import ADMIN_ROUTES
+from gateway.api.auth import require_api_key
+from gateway.api.openai.routes import OPENAI_ROUTES
+from gateway.api.probes import health, metrics, ready
+from gateway.api.replicate.routes import REPLICATE_ROUTES
+from gateway.api.replicate.runner import close_predictions
+from gateway.api.request_ids import RequestIdMiddleware, add_request_id_header
+from gateway.api.usage_reports import own_usage
+from gateway.errors import ApiError
+from gateway.observability.logs import litestar_logging_config
+from gateway.observability.wiring import OBSERVABILITY_KEY, Observability
+from gateway.serving.registry import ModelRegistry, build_registry
+from gateway.settings import Settings
+from gateway.state import STATE_KEY, GatewayState
+
+AnyRequest = Request[Any, Any, Any]
+
+_ERROR_TYPES = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "permission_denied"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+}
+
+
+def _api_error_response(_: AnyRequest, exc: ApiError) -> Response[Any]:
+    return Response(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _http_error_response(_: AnyRequest, exc: HTTPException) -> Response[Any]:
+    status = exc.status_code
+    if isinstance(exc, ValidationException) or status == 400:
+        error = ApiError(400, str(exc.detail), code="invalid_value")
+    elif status >= 500:
+        error = ApiError(status, str(exc.detail), type="server_error")
+    else:
+        type_, code = _ERROR_TYPES.get(status, ("invalid_request_error", None))
+        detail = exc.detail
+        if status == 413:
+            detail = "The request body is larger than this server accepts."
+        error = ApiError(status, str(detail), type=type_, code=code)
+    return Response(error.body(), status_code=status, headers=dict(exc.headers or {}) | error.headers)
+
+
+def _unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
+    request.logger.exception("unhandled error", exc_info=exc)
+    error = ApiError(500, "The server had an error while processing your request.", type="server_error")
+    return Response(error.body(), status_code=500)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    backends: Mapping[str, Backend] | None = None,
+    metering: Metering | None = None,
+) -> Litestar:
+    """Build the gateway app. ``backends`` replaces engines by model name (tests, benchmarks)."""
+    registry: ModelRegistry = build_registry(settings.models, dict(backends or {}), settings.weights_dir())
+    state = GatewayState(settings=settings, models=registry)
+    if metering is not None:
+        state.metering = metering
+    observability = Observability(settings, state)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        accounting = await open_accounting(settings)
+        try:
+            state.accounting = accounting
+            if metering is None:
+                state.metering = AccountingMetering(accounting)
+            first_key = await ensure_initial_admin_key(accounting, settings.initial_admin_key)
+            if first_key is not None:
+                model = next(iter(registry)).name
+                base_url = f"http://{settings.host}:{settings.port}"
+                print(initial_key_notice(first_key, base_url, model), flush=True)
+            await registry.start()
+            state.ready = True
+            try:
+                yield
+            finally:
+                state.ready = False
+                # Predictions run in the background: finish (and bill) them before engines stop.
+                await close_predictions(app)
+                await registry.stop()
+        finally:
+            await accounting.aclose()
+
+    return Litestar(
+        route_handlers=[health, ready, metrics, *OPENAI_ROUTES, REPLICATE_ROUTES, ADMIN_ROUTES, own_usage],
+        middleware=[RequestIdMiddleware, *observability.middleware],
+        before_send=[add_request_id_header],
+        guards=[require_api_key],
+        exception_handlers={
+            ApiError: _api_error_response,
+            HTTPException: _http_error_response,
+            Exception: _unexpected_error_response,
+        },
+        lifespan=[lifespan, observability.lifespan],
+        state=State({STATE_KEY: state, OBSERVABILITY_KEY: observability}),
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=None,
+        logging_config=litestar_logging_config(),
+    )

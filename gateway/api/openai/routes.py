@@ -1,0 +1,230 @@
+"""OpenAI-compatible routes: chat completions, legacy completions and models."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from backends.base import BackendError
+from gateway.accounting.metering import Ticket, UsageStatus, usage_status
+from gateway.api.auth import current_key
+from gateway.api.openai.request_bodies import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    decode_body,
+    stop_sequences,
+)
+from gateway.api.openai.response_bodies import ChunkWriter, chat_body, error_event, text_body
+from gateway.api.openai.translation import (
+    chat_prompt_ids,
+    completion_prompt_ids,
+    reject_unsupported_chat,
+    reject_unsupported_completion,
+    sampling_params,
+)
+from gateway.errors import ApiError, model_not_found
+from gateway.serving.generation import Generation
+from gateway.state import GatewayState, gateway_state, request_id
+
+AnyRequest = Request[Any, Any, Any]
+MODEL_CREATED = 1_690_000_000
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# Usage writes for streams cut off by the client outlive the cancelled request task.
+_background: set[asyncio.Task[None]] = set()
+
+
+def _in_background(work: Awaitable[None]) -> None:
+    async def run() -> None:
+        await work
+
+    task = asyncio.create_task(run())
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: AnyRequest) -> Response[Any]:
+    body = decode_body(await request.body(), ChatCompletionRequest)
+    reject_unsupported_chat(body)
+    state = gateway_state(request)
+    runtime = state.models.get(body.model)
+    prompt_ids = chat_prompt_ids(body, runtime)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return await _serve(request, state, body, "chat", prompt_ids, max_tokens)
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: AnyRequest) -> Response[Any]:
+    body = decode_body(await request.body(), CompletionRequest)
+    reject_unsupported_completion(body)
+    state = gateway_state(request)
+    runtime = state.models.get(body.model)
+    prompt_ids = completion_prompt_ids(body, runtime)
+    # The legacy endpoint's max_tokens defaults to 16, as OpenAI's does.
+    return await _serve(request, state, body, "text", prompt_ids, body.max_tokens or 16)
+
+
+async def _serve(
+    request: AnyRequest,
+    state: GatewayState,
+    body: SamplingFields,
+    kind: str,
+    prompt_ids: list[int],
+    max_tokens: int | None,
+) -> Response[Any]:
+    runtime = state.models.get(body.model)
+    sampling = sampling_params(body, runtime, len(prompt_ids), max_tokens)
+    n = body.n or 1
+    reservation = runtime.queue.reserve(n)
+    endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    try:
+        ticket = await state.metering.admit(
+            request,
+            runtime,
+            endpoint=endpoint,
+            prompt_tokens=len(prompt_ids),
+            max_new_tokens=sampling.max_tokens * n,
+            user=body.user,
+        )
+    except BaseException:
+        reservation.release()
+        raise
+    generation = Generation(
+        runtime,
+        request_id(request),
+        prompt_ids,
+        sampling,
+        stop_sequences(body.stop),
+        n,
+        reservation=reservation,
+        continuation=kind == "text",
+    )
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
+        body_stream = _stream(generation, ticket, writer)
+        # A client that leaves before the body starts never runs the stream's own clean-up.
+        weakref.finalize(body_stream, _abandon, asyncio.get_running_loop(), generation, ticket)
+        return Stream(
+            body_stream,
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **ticket.headers},
+        )
+    texts = await _collect(request, generation, ticket)
+    build = chat_body if kind == "chat" else text_body
+    return Response(build(generation, body.model, texts), status_code=200, headers=ticket.headers)
+
+
+async def _collect(request: AnyRequest, generation: Generation, ticket: Ticket) -> dict[int, list[str]]:
+    """Run a non-streamed generation, stopping it if the client disconnects meanwhile."""
+    texts: dict[int, list[str]] = {}
+
+    async def run() -> None:
+        async for event in generation.events():
+            texts.setdefault(event.index, []).append(event.text)
+
+    work = asyncio.create_task(run())
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    status: UsageStatus = "cancelled"
+    try:
+        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work in done:
+            work.result()
+            status = usage_status(generation)
+        else:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+    except BackendError:
+        status = "failed"
+        raise ApiError(503, "The model failed while generating; please retry.", type="server_error") from None
+    finally:
+        watcher.cancel()
+        work.cancel()
+        await ticket.finish(generation, status)
+    return texts
+
+
+async def _wait_for_disconnect(request: AnyRequest) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -> AsyncIterator[bytes]:
+    status: UsageStatus | None = None
+    try:
+        if writer.kind == "chat":
+            for index in range(generation.n):
+                yield writer.role(index)
+        held_finish: bytes | None = None
+        async for event in generation.events():
+            if event.text:
+                yield writer.content(event.index, event.text)
+            if event.finish_reason is not None:
+                finish = writer.finish(event.index, event.finish_reason)
+                if generation.finished:
+                    held_finish = finish  # the last bytes wait for the usage row
+                else:
+                    yield finish
+        status = usage_status(generation)
+        await ticket.finish(generation, status)
+        if held_finish is not None:
+            yield held_finish
+        if writer.include_usage:
+            yield writer.usage(generation)
+        yield b"data: [DONE]\n\n"
+    except BackendError:
+        status = "failed"
+        await ticket.finish(generation, status)
+        yield error_event("The model failed while generating; please retry.")
+    finally:
+        if status is None:
+            _in_background(ticket.finish(generation, "cancelled"))
+
+
+def _abandon(loop: asyncio.AbstractEventLoop, generation: Generation, ticket: Ticket) -> None:
+    """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished).
+
+    Runs when the stream is collected, which may happen on any thread: the work goes to the
+    loop that served the request.
+    """
+
+    def settle() -> None:
+        generation.release_unused_slots()
+        _in_background(ticket.finish(generation, "cancelled"))
+
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the app is gone
+        loop.call_soon_threadsafe(settle)
+
+
+@get("/v1/models")
+async def list_models(request: AnyRequest) -> dict[str, Any]:
+    state = gateway_state(request)
+    key = current_key(request)
+    cards = [_model_card(r.name, r.config.owned_by) for r in state.models if key.allows_model(r.name)]
+    return {"object": "list", "data": cards}
+
+
+@get("/v1/models/{model_id:str}")
+async def retrieve_model(request: AnyRequest, model_id: str) -> dict[str, Any]:
+    state = gateway_state(request)
+    runtime = state.models.get(model_id)
+    if not current_key(request).allows_model(runtime.name):
+        raise model_not_found(model_id)
+    return _model_card(model_id, runtime.config.owned_by)
+
+
+def _model_card(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": owner}
+
+
+OPENAI_ROUTES: list[Callable[..., Any]] = [chat_completions, completions, list_models, retrieve_model]

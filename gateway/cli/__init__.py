@@ -1,0 +1,1 @@
+"""The command line: ``serve``, ``models``, ``db``, ``keys``, ``usage`` and ``tiny-model``."""

@@ -1,0 +1,1 @@
+"""Tools for developers and tests, not served: the tiny random-weight Llama 2 writer."""

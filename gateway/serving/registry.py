@@ -1,0 +1,146 @@
+"""Served models: each configured model with its backend, tokenizer, template and queue."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from backends.base import Backend, Preflight
+from gateway.errors import model_not_found
+from gateway.serving.prompts import Message
+from gateway.serving.prompts.jinja import build_jinja_prompt
+from gateway.serving.prompts.llama2 import build_llama2_prompt
+from gateway.serving.queueing import SlotQueue
+from gateway.serving.tokenizers import Tokenizer, load_chat_template, load_tokenizer
+from gateway.settings import ConfigError, ModelConfig
+
+
+def create_backend(config: ModelConfig, weights_dir: Path | None = None) -> Backend:
+    """The backend named by the config; engines are imported only when configured.
+
+    ``weights_dir`` is where llama.cpp keeps weights it converts (``compute_format``).
+    """
+    if config.backend == "llamacpp":
+        from backends.llamacpp.backend import LlamaCppBackend
+
+        return LlamaCppBackend(config, weights_dir=weights_dir)
+    if config.backend == "exllamav2":
+        from backends.exllamav2 import ExLlamaV2Backend
+
+        return ExLlamaV2Backend(config)
+    if config.backend == "openai":
+        from backends.openai_upstream import OpenAIUpstreamBackend
+
+        return OpenAIUpstreamBackend(config)
+    if config.backend == "scripted":
+        from backends.scripted import ScriptedBackend
+
+        return ScriptedBackend.from_config(config)
+    raise ConfigError(f"model {config.name!r}: backend {config.backend!r} is not available")
+
+
+@dataclass
+class ModelRuntime:
+    config: ModelConfig
+    backend: Backend
+    tokenizer: Tokenizer
+    chat_template: str | None
+    queue: SlotQueue = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.queue = SlotQueue(self.backend.capabilities.max_concurrency, self.config.max_queue)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def context_length(self) -> int:
+        return self.backend.capabilities.context_length
+
+    def with_default_system(self, messages: Sequence[Message]) -> list[Message]:
+        system = self.config.defaults.system_prompt
+        if system is not None and not any(m.role == "system" for m in messages):
+            return [Message("system", system), *messages]
+        return list(messages)
+
+    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+        messages = self.with_default_system(messages)
+        if self.config.template == "llama-2":
+            return build_llama2_prompt(messages, self.tokenizer)
+        if self.chat_template is None:
+            raise ConfigError(f"model {self.name!r} has no chat template; use template: llama-2")
+        return build_jinja_prompt(self.chat_template, messages, self.tokenizer)
+
+    def text_prompt_ids(self, text: str) -> list[int]:
+        """A raw completion prompt: BOS where the model wants it, then the text as plain text."""
+        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos else []
+        return [*bos, *self.tokenizer.encode(text)]
+
+
+class ModelRegistry:
+    def __init__(self, runtimes: Iterable[ModelRuntime]) -> None:
+        self._by_name: dict[str, ModelRuntime] = {}
+        self._runtimes = list(runtimes)
+        for runtime in self._runtimes:
+            for name in (runtime.name, *runtime.config.aliases):
+                self._by_name[name] = runtime
+
+    def __iter__(self) -> Iterator[ModelRuntime]:
+        return iter(self._runtimes)
+
+    def get(self, name: str) -> ModelRuntime:
+        runtime = self._by_name.get(name)
+        if runtime is None:
+            raise model_not_found(name)
+        return runtime
+
+    async def start(self) -> None:
+        started: list[ModelRuntime] = []
+        try:
+            for runtime in self._runtimes:
+                await runtime.backend.start()
+                started.append(runtime)
+        except BaseException:
+            for runtime in started:
+                with contextlib.suppress(Exception):
+                    await runtime.backend.stop()
+            raise
+
+    async def stop(self) -> None:
+        for runtime in self._runtimes:
+            await runtime.backend.stop()
+
+
+def build_registry(
+    configs: Sequence[ModelConfig], backends: dict[str, Backend] | None = None, weights_dir: Path | None = None
+) -> ModelRegistry:
+    """Runtimes for every configured model; ``backends`` overrides engines by model name."""
+    runtimes = []
+    for config in configs:
+        backend = (backends or {}).get(config.name) or create_backend(config, weights_dir)
+        tokenizer = load_tokenizer(config)
+        template = None if config.template == "llama-2" else load_chat_template(config)
+        runtimes.append(ModelRuntime(config, backend, tokenizer, template))
+    return ModelRegistry(runtimes)
+
+
+WeightsProgress = Callable[[str], Callable[[int, int], None]]
+"""Given a model's name, a callback for (bytes done, bytes in all) while its weights are converted."""
+
+
+def preflight(
+    configs: Sequence[ModelConfig], weights_dir: Path | None = None, progress: WeightsProgress | None = None
+) -> None:
+    """Check every model can be served here, so ``serve`` refuses to start with one clear sentence,
+    and make the weights files that backends convert (once; later starts find them)."""
+    for config in configs:
+        backend = create_backend(config, weights_dir)
+        if isinstance(backend, Preflight):
+            backend.preflight()
+        prepare = getattr(backend, "prepare_weights", None)
+        if prepare is not None:
+            prepare(progress(config.name) if progress is not None else None)
+        load_tokenizer(config)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from gateway.accounting.keys import ApiKeyInfo
+from gateway.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
+
+MakeLimiter = Callable[..., Limiter]
+
+
+def _key(**limits: Any) -> ApiKeyInfo:
+    fields: dict[str, Any] = {
+        "id": str(uuid.uuid4()),
+        "name": "limited",
+        "owner": None,
+        "metadata": {},
+        "scope": "user",
+        "prefix": "sk-test…abcd",
+        "allowed_models": None,
+        "rpm": None,
+        "tpm": None,
+        "max_concurrency": None,
+        "budget_usd": None,
+        "budget_period": "total",
+        "expires_at": None,
+        "revoked_at": None,
+        "created_at": datetime.now(UTC),
+    }
+    fields.update(limits)
+    return ApiKeyInfo(**fields)
+
+
+@pytest.fixture
+def make_key() -> Callable[..., ApiKeyInfo]:
+    """Builds a key snapshot with the given limits and an id of its own."""
+    return _key
+
+
+class Backend:
+    def __init__(self, kind: str, redis_url: str = "", prefix: str = "") -> None:
+        self.kind = kind
+        self.redis_url = redis_url
+        self.prefix = prefix
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def backend(request: pytest.FixtureRequest) -> Backend:
+    """The limiter's kind; for Redis, the server and a key prefix of this test's own."""
+    if request.param == "redis":
+        return Backend("redis", request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix"))
+    return Backend("memory")
+
+
+@pytest.fixture
+def backend_kind(backend: Backend) -> str:
+    return backend.kind
+
+
+@pytest.fixture
+async def make_limiter(backend: Backend) -> AsyncIterator[MakeLimiter]:
+    """Builds limiters of this test's kind; Redis ones share state, like replicas do."""
+    made: list[Limiter] = []
+
+    def build(spend_loader: Any = None, **options: Any) -> Limiter:
+        limiter: Limiter
+        if backend.kind == "redis":
+            limiter = RedisLimiter.from_url(backend.redis_url, spend_loader, prefix=backend.prefix, **options)
+        else:
+            limiter = MemoryLimiter(spend_loader, **options)
+        made.append(limiter)
+        return limiter
+
+    yield build
+    for limiter in made:
+        await limiter.aclose()

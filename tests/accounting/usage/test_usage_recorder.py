@@ -1,0 +1,257 @@
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from gateway.accounting.keys import KeyStore, NewKey
+from gateway.accounting.usage import RecorderClosed, UsageEntry, UsageNotRecorded, UsageRecorder
+from gateway.accounting.usage import recorder as recorder_module
+from gateway.accounting.usage.rows import insert_entries
+from gateway.db import make_engine, make_sessionmaker
+from gateway.db.tables import UsageRecord
+
+Sessions = async_sessionmaker[AsyncSession]
+FAST_RETRIES = (0.01, 0.01)
+
+
+def make_entry(key_id: str, **changes: object) -> UsageEntry:
+    started = datetime.now(UTC)
+    fields: dict[str, object] = {
+        "request_id": f"chatcmpl-{uuid.uuid4().hex}",
+        "key_id": key_id,
+        "model": "llama-2-70b-chat",
+        "endpoint": "/v1/chat/completions",
+        "prompt_tokens": 12,
+        "completion_tokens": 34,
+        "input_price_per_million": Decimal("0.65"),
+        "output_price_per_million": Decimal("2.75"),
+        "status": "completed",
+        "finish_reason": "stop",
+        "ttft_ms": 40,
+        "started_at": started,
+        "finished_at": started + timedelta(milliseconds=250),
+    }
+    fields.update(changes)
+    return UsageEntry(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def key_id(db_sessionmaker: Sessions) -> str:
+    info, _ = await KeyStore(db_sessionmaker).create(NewKey(name="usage"))
+    return info.id
+
+
+@pytest.fixture
+async def observer(db_url_migrated: str) -> AsyncIterator[Sessions]:
+    """A separate engine: what it sees is committed."""
+    engine = make_engine(db_url_migrated)
+    yield make_sessionmaker(engine)
+    await engine.dispose()
+
+
+async def count_rows(sessions: Sessions, request_ids: Sequence[str] | None = None) -> int:
+    query = select(func.count()).select_from(UsageRecord)
+    if request_ids is not None:
+        query = query.where(UsageRecord.request_id.in_(request_ids))
+    async with sessions() as session:
+        return int(await session.scalar(query) or 0)
+
+
+@asynccontextmanager
+async def write_lock_held(sessions: Sessions) -> AsyncIterator[None]:
+    """Hold the database's write lock from another connection, so the recorder's insert waits."""
+    async with sessions() as session:
+        connection = await session.connection()
+        if connection.dialect.name == "postgresql":
+            await session.execute(text("LOCK TABLE usage_records IN EXCLUSIVE MODE"))
+        else:
+            await session.execute(text("BEGIN IMMEDIATE"))
+        try:
+            yield
+        finally:
+            await session.commit()
+
+
+async def test_concurrent_records_share_few_transactions(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    engine = db_sessionmaker.kw["bind"]
+    commits = 0  # each batch is one INSERT statement, committed on its own (autocommit)
+
+    def on_commit(_connection: object, _cursor: object, statement: str, *_: object) -> None:
+        nonlocal commits
+        commits += statement.lstrip().upper().startswith("INSERT INTO USAGE_RECORDS")
+
+    event.listen(engine.sync_engine, "before_cursor_execute", on_commit)
+    recorder = UsageRecorder(db_sessionmaker, flush_interval_s=0.005)
+    recorder.start()
+    entries = [make_entry(key_id) for _ in range(300)]
+    try:
+        await asyncio.gather(*(recorder.record(e) for e in entries))
+    finally:
+        await recorder.aclose()
+        event.remove(engine.sync_engine, "before_cursor_execute", on_commit)
+    assert recorder.committed == 300
+    assert recorder.batches == commits
+    assert commits <= 5, f"300 concurrent rows took {commits} transactions"
+    assert await count_rows(observer) == 300
+
+
+async def test_record_returns_only_once_the_row_is_committed(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker, flush_interval_s=0)
+    recorder.start()
+    entry = make_entry(key_id)
+    try:
+        async with write_lock_held(observer):
+            task = asyncio.create_task(recorder.record(entry))
+            await asyncio.sleep(0.3)
+            assert not task.done(), "record() returned while its insert could not have committed"
+            assert recorder.backlog == 1
+        await asyncio.wait_for(task, 10)
+        assert await count_rows(observer, [entry.request_id]) == 1
+        assert recorder.backlog == 0
+    finally:
+        await recorder.aclose()
+
+
+async def test_a_cancelled_request_still_gets_its_row(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker)
+    recorder.start()
+    entry = make_entry(key_id, status="cancelled", finish_reason=None)
+    task = asyncio.create_task(recorder.record(entry))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await recorder.aclose()
+    assert await count_rows(observer, [entry.request_id]) == 1
+
+
+async def test_a_database_that_keeps_failing_is_reported_to_every_waiter(db_url: str) -> None:
+    engine = make_engine(db_url)  # no tables: every insert fails
+    recorder = UsageRecorder(make_sessionmaker(engine), retry_delays_s=FAST_RETRIES)
+    recorder.start()
+    try:
+        results = await asyncio.gather(*(recorder.record(make_entry("k")) for _ in range(3)), return_exceptions=True)
+    finally:
+        await recorder.aclose()
+        await engine.dispose()
+    assert all(isinstance(r, UsageNotRecorded) for r in results)
+    assert recorder.committed == 0
+    assert recorder.rejected == 3
+    assert recorder.failures >= len(FAST_RETRIES) + 1
+
+
+async def test_a_transient_failure_is_retried(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+
+    async def flaky(sessionmaker: Sessions, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("connection lost")
+        return await insert_entries(sessionmaker, entries)
+
+    monkeypatch.setattr(recorder_module, "insert_entries", flaky)
+    recorder = UsageRecorder(db_sessionmaker, retry_delays_s=FAST_RETRIES)
+    recorder.start()
+    entry = make_entry(key_id)
+    try:
+        await recorder.record(entry)
+    finally:
+        await recorder.aclose()
+    assert (recorder.failures, recorder.committed, recorder.rejected) == (1, 1, 0)
+    assert await count_rows(observer, [entry.request_id]) == 1
+
+
+async def test_an_entry_the_database_refuses_fails_alone(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker, flush_interval_s=0.01, retry_delays_s=FAST_RETRIES)
+    recorder.start()
+    good = [make_entry(key_id) for _ in range(5)]
+    bad = make_entry("no-such-key")
+    try:
+        results = await asyncio.gather(*(recorder.record(e) for e in [*good, bad]), return_exceptions=True)
+    finally:
+        await recorder.aclose()
+    assert results[:5] == [None] * 5
+    assert isinstance(results[5], UsageNotRecorded)
+    assert await count_rows(observer, [e.request_id for e in good]) == 5
+    assert recorder.rejected == 1
+
+
+async def test_a_retried_commit_never_duplicates_a_row(db_sessionmaker: Sessions, key_id: str) -> None:
+    entries = [make_entry(key_id) for _ in range(3)]
+    assert await insert_entries(db_sessionmaker, entries) == {}
+    # The same rows again, as after a COMMIT whose reply was lost: accepted, not doubled.
+    assert await insert_entries(db_sessionmaker, entries) == {}
+    assert await count_rows(db_sessionmaker) == 3
+    # Another request reusing an id is refused rather than silently merged.
+    clash = make_entry(key_id, request_id=entries[0].request_id, prompt_tokens=999)
+    refused = await insert_entries(db_sessionmaker, [clash, make_entry(key_id)])
+    assert list(refused) == [clash.request_id]
+    assert await count_rows(db_sessionmaker) == 4
+
+
+async def test_aclose_commits_everything_queued_and_refuses_more(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker, flush_interval_s=0.05, max_batch=7)
+    recorder.start()
+    entries = [make_entry(key_id) for _ in range(50)]
+    tasks = [asyncio.create_task(recorder.record(e)) for e in entries]
+    await asyncio.sleep(0)
+    await recorder.aclose()
+    assert recorder.backlog == 0
+    assert await count_rows(observer) == 50
+    await asyncio.wait_for(asyncio.gather(*tasks), 1)
+    assert recorder.batches >= 50 // 7
+    with pytest.raises(RecorderClosed):
+        await recorder.record(make_entry(key_id))
+
+
+async def test_rows_keep_prices_costs_and_timings(db_sessionmaker: Sessions, key_id: str) -> None:
+    recorder = UsageRecorder(db_sessionmaker)
+    recorder.start()
+    entry = make_entry(key_id, prompt_tokens=1000, completion_tokens=3, user="end-user-7")
+    try:
+        await recorder.record(entry)
+    finally:
+        await recorder.aclose()
+    async with db_sessionmaker() as session:
+        row = await session.scalar(select(UsageRecord).where(UsageRecord.request_id == entry.request_id))
+    assert row is not None
+    assert (row.input_cost, row.output_cost) == (Decimal("0.00065"), Decimal("0.00000825"))
+    assert row.input_price_per_million == Decimal("0.65")
+    assert (row.user, row.status, row.finish_reason, row.ttft_ms, row.duration_ms) == (
+        "end-user-7",
+        "completed",
+        "stop",
+        40,
+        250,
+    )
+    assert row.started_at == entry.started_at
+
+
+def test_entries_are_checked_where_they_are_made() -> None:
+    with pytest.raises(ValueError, match="status"):
+        make_entry("k", status="ok")
+    with pytest.raises(ValueError, match="token"):
+        make_entry("k", completion_tokens=-1)
+    with pytest.raises(ValueError, match="timezone"):
+        make_entry("k", started_at=datetime(2025, 1, 1))

@@ -1,0 +1,84 @@
+"""The embedded model run directly through llama-cpp-python, beside the gateway, on the same machine.
+
+Which text a small model produces depends on the CPU's kernels, so tests never hard-code it: they
+compare what the gateway returns with what the same engine, on the same weights file, produces when
+called directly here. Both sides load the F16 conversion the embedded default serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from backends.llamacpp.weights import ensure_converted
+from gateway.serving.prompts import Message
+from gateway.serving.prompts.jinja import build_jinja_prompt
+from gateway.serving.tokenizers import load_chat_template, load_tokenizer
+from gateway.settings import EMBEDDED_GGUF_SHA256, ModelConfig, embedded_model, embedded_model_path
+
+# Greater than any prompt the tests send; the direct engine's context size does not change its output.
+DIRECT_CONTEXT = 2048
+
+
+def shared_data_dir(factory: pytest.TempPathFactory) -> Path:
+    """The data directory all the test gateways of one run share, so the weights convert once."""
+    return factory.getbasetemp() / "gateway-data"
+
+
+class DirectEngine:
+    """Greedy decoding of the embedded model with llama-cpp-python's own sampler, from a clean cache."""
+
+    def __init__(self, llama: Any, config: ModelConfig) -> None:
+        self._llama = llama
+        self._tokenizer = load_tokenizer(config)
+        template = load_chat_template(config)
+        assert template is not None
+        self._template = template
+        self._system = config.defaults.system_prompt
+
+    def chat_ids(self, user: str) -> list[int]:
+        """The prompt the gateway builds for one user message (with the model's default system prompt)."""
+        messages = [Message("user", user)]
+        if self._system is not None:
+            messages.insert(0, Message("system", self._system))
+        return build_jinja_prompt(self._template, messages, self._tokenizer)
+
+    def greedy(self, prompt_ids: Sequence[int], max_tokens: int) -> list[int]:
+        """The ids sampled greedily after ``prompt_ids``, the end-of-sequence token left out."""
+        from llama_cpp import llama_cpp as lib
+
+        self._llama.reset()
+        vocab = self._llama._model.vocab
+        sampled: list[int] = []
+        for token in self._llama.generate(list(prompt_ids), temp=0.0, repeat_penalty=1.0, reset=True):
+            if lib.llama_vocab_is_eog(vocab, token) or len(sampled) == max_tokens:
+                break
+            sampled.append(token)
+        return sampled
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids)
+
+
+def embedded_f16_path(data_dir: Path) -> Path:
+    weights = ensure_converted(embedded_model_path(), "f16", data_dir / "weights", expected_sha256=EMBEDDED_GGUF_SHA256)
+    return weights.path
+
+
+@pytest.fixture(scope="session")
+def direct_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DirectEngine]:
+    from llama_cpp import Llama
+
+    from backends.llamacpp.log_routing import route_llama_cpp_logs
+
+    route_llama_cpp_logs()
+    llama = Llama(
+        model_path=str(embedded_f16_path(shared_data_dir(tmp_path_factory))), n_ctx=DIRECT_CONTEXT, verbose=False
+    )
+    try:
+        yield DirectEngine(llama, embedded_model())
+    finally:
+        llama.close()
