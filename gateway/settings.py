@@ -185,13 +185,6 @@ def load_settings(path: str | os.PathLike[str] | None = None, environ: Mapping[s
 
 
 def _check(settings: Settings) -> None:
-    from gateway.accounting.keys.records import InvalidKeyFields, check_preset_key
-
-    if settings.initial_admin_key is not None:
-        try:
-            check_preset_key(settings.initial_admin_key)
-        except InvalidKeyFields as exc:
-            raise ConfigError(f"initial_admin_key: {exc}") from exc
     seen: set[str] = set()
     for model in settings.models:
         for name in (model.name, *model.aliases):

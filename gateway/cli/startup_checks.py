@@ -50,8 +50,21 @@ async def _check_database(url: str) -> None:
     await engine.dispose()
 
 
+def check_initial_admin_key(preset: str | None) -> None:
+    from gateway.accounting.keys.records import InvalidKeyFields, check_preset_key
+
+    if preset is None:
+        return
+    try:
+        check_preset_key(preset)
+    except InvalidKeyFields as exc:
+        raise StartupError(f"initial_admin_key (LLAMA_GATEWAY_INITIAL_ADMIN_KEY): {exc}") from exc
+
+
 def check_startup(settings: Settings) -> None:
-    """Raise ``StartupError`` when the port is taken or the database is unreachable or behind."""
+    """Raise ``StartupError`` when the preset admin key is malformed, the port is taken, or the
+    database is unreachable or behind. Nothing is written before the key and port are checked."""
+    check_initial_admin_key(settings.initial_admin_key)
     check_port_free(settings.host, settings.port)
     # Alembic announces its dialect on every connection; here that would only precede the sentence.
     migration_log = logging.getLogger("alembic.runtime.migration")

@@ -123,5 +123,5 @@ async def test_a_database_behind_its_migrations_is_one_sentence(
 def test_an_invalid_initial_admin_key_is_one_sentence(tmp_path: Path) -> None:
     config = _scripted_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/gw.db")
     result = serve_in_a_process("--config", str(config), env={"LLAMA_GATEWAY_INITIAL_ADMIN_KEY": "sk-short"})
-    assert_one_sentence(result, "Error: initial_admin_key: a preset key must be")
+    assert_one_sentence(result, "Error: initial_admin_key (LLAMA_GATEWAY_INITIAL_ADMIN_KEY): a preset key must be")
     assert not (tmp_path / "gw.db").exists()

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 from safetensors.numpy import load_file
 
 from gateway.cli.main import main
-from gateway.devtools import tiny_model
-from gateway.devtools.tiny_model import plan_tensors, tiny_model_command, write_tiny_model
+from gateway.devtools import tiny_model_files
+from gateway.devtools.tiny_model import tiny_model_command, write_tiny_model
+from gateway.devtools.tiny_model_plan import plan_tensors
 from gateway.serving.prompts import Message
 from gateway.serving.prompts.llama2 import build_llama2_prompt
 from gateway.serving.tokenizers import SentencePieceTokenizer
@@ -178,18 +179,8 @@ def test_gguf_runs_in_llama_cpp_and_matches_safetensors(
     assert generated[0] == int(np.argmax(expected[-1]))
 
 
-def test_weights_depend_on_seed_and_tensor_name() -> None:
-    shape = tiny_model.llama_shape("tiny")
-    first, second = plan_tensors("tiny")[2], plan_tensors("tiny")[3]
-    assert np.array_equal(tiny_model.tensor_values(first, shape, 7), tiny_model.tensor_values(first, shape, 7))
-    assert not np.array_equal(tiny_model.tensor_values(first, shape, 7), tiny_model.tensor_values(first, shape, 8))
-    assert not np.array_equal(
-        tiny_model.tensor_values(first, shape, 7)[:64], tiny_model.tensor_values(second, shape, 7)[:64]
-    )
-
-
 def test_sharded_safetensors(tmp_path: Path, weights: Weights, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tiny_model, "MAX_SHARD_BYTES", 2 << 20)
+    monkeypatch.setattr(tiny_model_files, "MAX_SHARD_BYTES", 2 << 20)
     written = write_tiny_model(tmp_path, formats=("hf",))
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
@@ -206,42 +197,6 @@ def test_sharded_safetensors(tmp_path: Path, weights: Weights, monkeypatch: pyte
     assert index["metadata"]["total_size"] == sum(w.nbytes for w in loaded.values())
     assert loaded.keys() == weights.keys()
     assert all(np.array_equal(loaded[name], weights[name]) for name in weights)
-
-
-def _shapes(size: tiny_model.Size, layers: int | None = None) -> dict[str, tuple[int, ...]]:
-    return {t.name: t.shape for t in plan_tensors(size, layers)}
-
-
-def test_plan_7b() -> None:
-    shapes = _shapes("7b")
-    assert len(shapes) == 2 + 32 * 9 + 1
-    assert shapes["model.layers.31.self_attn.k_proj.weight"] == (4096, 4096)
-    assert shapes["model.layers.0.mlp.gate_proj.weight"] == (11008, 4096)
-    # Llama-2-7b's published parameter count.
-    assert sum(math.prod(s) for s in shapes.values()) == 6_738_415_616
-
-
-def test_plan_70b() -> None:
-    shapes = _shapes("70b")
-    assert shapes["model.layers.79.self_attn.q_proj.weight"] == (8192, 8192)
-    assert shapes["model.layers.79.self_attn.k_proj.weight"] == (1024, 8192)
-    assert shapes["model.layers.0.mlp.down_proj.weight"] == (8192, 28672)
-    assert sum(math.prod(s) for s in shapes.values()) == 68_976_648_192
-
-
-def test_plan_layers_override() -> None:
-    shapes = _shapes("70b", layers=4)
-    assert "model.layers.3.self_attn.v_proj.weight" in shapes
-    assert "model.layers.4.self_attn.v_proj.weight" not in shapes
-    with pytest.raises(ValueError, match="at least 1"):
-        plan_tensors("70b", layers=0)
-
-
-def test_permutation_matches_llama_cpp_convention() -> None:
-    # Per head, llama.cpp wants the rows of the two rotary halves interleaved.
-    rows = np.arange(8)[:, None]
-    permuted = tiny_model.permute_for_gguf(rows, n_head=2)
-    assert permuted[:, 0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
 
 
 def test_rejects_unknown_format(tmp_path: Path) -> None:

