@@ -15,8 +15,9 @@ not returned.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
@@ -121,10 +122,22 @@ class Backend(Protocol):
         ...
 
 
-
 @runtime_checkable
 class Preflight(Protocol):
     """A backend that can tell, before the server starts, whether it will be able to start."""
 
     def preflight(self) -> None:
         """Raise `BackendUnavailable` with one clear sentence; load nothing heavy."""
+
+
+WeightsProgress = Callable[[int, int], None]
+"""Called with (bytes done, bytes in all) while weights are being made."""
+
+
+@runtime_checkable
+class PreparesWeights(Protocol):
+    """A backend that makes the weights file it loads (a conversion, say) before it can start."""
+
+    def prepare_weights(self, progress: WeightsProgress | None = None) -> Path:
+        """Make the weights once (later calls find them) and return the file to load. Blocking."""
+        ...

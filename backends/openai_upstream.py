@@ -20,7 +20,7 @@ import json
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
@@ -32,9 +32,7 @@ from backends.base import (
     SamplingParams,
     TokenDelta,
 )
-
-if TYPE_CHECKING:
-    from gateway.settings import ModelConfig
+from backends.config import BackendConfig
 
 _KNOWN_OPTIONS = {"base_url", "base_urls", "model", "api_key_env", "timeout_s"}
 
@@ -47,7 +45,7 @@ class UpstreamOptions:
     timeout_s: float
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> UpstreamOptions:
+    def from_config(cls, config: BackendConfig) -> UpstreamOptions:
         options = config.options
         unknown = set(options) - _KNOWN_OPTIONS
         if unknown:
@@ -93,7 +91,7 @@ def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
 
 
 class OpenAIUpstreamBackend:
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: BackendConfig) -> None:
         self._config = config
         self._options = UpstreamOptions.from_config(config)
         self._in_flight = dict.fromkeys(self._options.base_urls, 0)

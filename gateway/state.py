@@ -15,6 +15,17 @@ if TYPE_CHECKING:
     from gateway.accounting.services import Accounting
 
 STATE_KEY = "gateway"
+
+# Names under which a request carries its own values in ``scope["state"]``.
+REQUEST_ID_SCOPE_KEY = "request_id"
+"""The gateway's request id (``gateway.api.request_ids``)."""
+API_KEY_SCOPE_KEY = "api_key"
+"""The authenticated ``ApiKeyInfo`` (``gateway.api.auth``)."""
+OBSERVED_MODEL_SCOPE_KEY = "observed_model"
+"""The served model's name, set before admission so a refusal is counted under its model."""
+OBSERVED_TICKET_SCOPE_KEY = "observed_ticket"
+"""The admitted request's ticket; the request observer reads its outcome for the log line."""
+
 AnyConnection = ASGIConnection[Any, Any, Any, Any]
 
 
@@ -44,5 +55,5 @@ def gateway_state(connection: AnyConnection) -> GatewayState:
 
 
 def request_id(connection: AnyConnection) -> str:
-    value: str = connection.scope["state"]["request_id"]
+    value: str = connection.scope["state"][REQUEST_ID_SCOPE_KEY]
     return value

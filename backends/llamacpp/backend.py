@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 from backends.base import (
     BackendCapabilities,
@@ -28,11 +28,9 @@ from backends.base import (
     SamplingParams,
     TokenDelta,
 )
+from backends.config import BackendConfig
 from backends.llamacpp.log_routing import route_llama_cpp_logs
 from backends.llamacpp.weights import ConversionError, Progress, ensure_converted, sha256_of
-
-if TYPE_CHECKING:
-    from gateway.settings import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +54,7 @@ class LlamaCppOptions:
     """The GGUF's expected SHA-256, checked before it is converted."""
 
     @classmethod
-    def from_config(cls, config: ModelConfig) -> LlamaCppOptions:
+    def from_config(cls, config: BackendConfig) -> LlamaCppOptions:
         options = dict(config.options)
         unknown = set(options) - {"n_ctx", "n_threads", "n_batch", "compute_format", "sha256"}
         if unknown:
@@ -88,7 +86,7 @@ class _Slot:
 class LlamaCppBackend:
     """A GGUF model served by llama.cpp, ``max_concurrency`` contexts side by side."""
 
-    def __init__(self, config: ModelConfig, *, weights_dir: Path | None = None) -> None:
+    def __init__(self, config: BackendConfig, *, weights_dir: Path | None = None) -> None:
         """``weights_dir`` caches converted weights (needed when ``compute_format`` is not ``stored``)."""
         self._config = config
         self._options = LlamaCppOptions.from_config(config)

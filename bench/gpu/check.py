@@ -253,7 +253,7 @@ def raw_exllamav2(model_dir: Path, check: Check) -> dict[str, Any]:
     from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 
     from backends.base import SamplingParams
-    from backends.exllamav2 import sampler_settings_kwargs
+    from backends.exllamav2.sampling import sampler_settings_kwargs
 
     kwargs = sampler_settings_kwargs(SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     fields = {f.name for f in dataclasses.fields(ExLlamaV2Sampler.Settings)}

@@ -1,23 +1,55 @@
 """The seam between a request's generation and accounting (limits, budgets, usage rows).
 
-The OpenAI and Replicate routes call ``admit`` before generating and ``Ticket.finish`` once
-the outcome is known, before the response's final bytes go out, so a response the client saw
-complete always has its usage committed.
+The OpenAI and Replicate routes call ``admit`` (through the HTTP layer's ``admission`` module,
+which builds the ``AdmissionRequest`` from the request) before generating and ``Ticket.finish``
+once the outcome is known, before the response's final bytes go out, so a response the client
+saw complete always has its usage committed.
 """
 
 from __future__ import annotations
 
 import abc
 import asyncio
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
-from litestar import Request
-
+from gateway.accounting.keys import ApiKeyInfo
 from gateway.accounting.usage.entry import UsageStatus
 from gateway.serving.generation import Generation
-from gateway.serving.registry import ModelRuntime
+from gateway.settings import Pricing
 
-__all__ = ["FinishOnce", "Metering", "NoMetering", "Ticket", "UsageStatus", "usage_status"]
+__all__ = [
+    "AdmissionRequest",
+    "FinishOnce",
+    "Metering",
+    "NoMetering",
+    "Ticket",
+    "UsageStatus",
+    "usage_status",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    """What a route asks of accounting before generating; no web-framework type inside.
+
+    (Not ``Admission``: that is the limiter's hold on a request's limits, ``limits.Admission``.)
+    """
+
+    key: ApiKeyInfo
+    """The authenticated key the request is made with."""
+    model: str
+    """The served model's configured name (never an alias): limits, prices and usage rows use it."""
+    pricing: Pricing
+    """The model's prices, copied into the usage row."""
+    prompt_tokens: int
+    max_new_tokens: int
+    """The most tokens the request may generate, all ``n`` choices together."""
+    request_id: str
+    endpoint: str
+    """``/v1/chat/completions``, ``/v1/completions`` or ``/v1/predictions``."""
+    user: str | None
+    """The OpenAI ``user`` field; None where the API has none (Replicate)."""
 
 
 class Ticket(Protocol):
@@ -51,17 +83,11 @@ class FinishOnce(abc.ABC):
 
 
 class Metering(Protocol):
-    async def admit(
-        self,
-        request: Request[Any, Any, Any],
-        runtime: ModelRuntime,
-        *,
-        endpoint: str,
-        prompt_tokens: int,
-        max_new_tokens: int,
-        user: str | None,
-    ) -> Ticket:
-        """Check limits and reserve budget; raises ``ApiError`` (429) when refused."""
+    async def admit(self, admission: AdmissionRequest) -> Ticket:
+        """Check the key's model access, limits and budget, and reserve the worst case.
+
+        Raises ``ApiError``: 404 when the key may not use the model, 429 when refused.
+        """
         ...
 
 
@@ -77,16 +103,7 @@ class _FreeTicket:
 class NoMetering:
     """No limits and no usage rows (a gateway without accounting, e.g. a GPU worker behind another)."""
 
-    async def admit(
-        self,
-        request: Request[Any, Any, Any],
-        runtime: ModelRuntime,
-        *,
-        endpoint: str,
-        prompt_tokens: int,
-        max_new_tokens: int,
-        user: str | None,
-    ) -> Ticket:
+    async def admit(self, admission: AdmissionRequest) -> Ticket:
         return _FreeTicket()
 
 

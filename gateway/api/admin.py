@@ -9,14 +9,12 @@ OpenAI's envelope: 400 for invalid fields, 404 for an unknown key id.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from litestar import Request, Router, delete, get, patch, post
 
-from gateway.accounting.keys import ApiKeyInfo, InvalidKeyFields, KeyNotFound, KeyStore, KeyUpdate, NewKey
-from gateway.accounting.usage import format_usd
+from gateway.accounting.keys import ApiKeyInfo, InvalidKeyFields, KeyNotFound, KeyStore, KeyUpdate, NewKey, key_fields
 from gateway.api.auth import ADMIN
 from gateway.api.openai.request_bodies import decode_body
 from gateway.api.usage_reports import run_report, usage_query
@@ -31,25 +29,7 @@ _FIELDS = frozenset(NewKey.__struct_fields__)
 
 def key_json(info: ApiKeyInfo) -> dict[str, Any]:
     """A key as the admin API shows it: every field, never a secret; money as a decimal string."""
-    return {
-        "object": "api_key",
-        "id": info.id,
-        "name": info.name,
-        "prefix": info.prefix,
-        "scope": info.scope,
-        "status": info.status(datetime.now(UTC)),
-        "owner": info.owner,
-        "metadata": info.metadata,
-        "allowed_models": None if info.allowed_models is None else list(info.allowed_models),
-        "rpm": info.rpm,
-        "tpm": info.tpm,
-        "max_concurrency": info.max_concurrency,
-        "budget_usd": None if info.budget_usd is None else format_usd(info.budget_usd),
-        "budget_period": info.budget_period,
-        "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
-        "revoked_at": None if info.revoked_at is None else info.revoked_at.isoformat(),
-        "created_at": info.created_at.isoformat(),
-    }
+    return {"object": "api_key", **key_fields(info)}
 
 
 def _store(request: AnyRequest) -> KeyStore:

@@ -13,6 +13,7 @@ from litestar.handlers.base import BaseRouteHandler
 
 from gateway.accounting.keys import ApiKeyInfo
 from gateway.errors import ApiError
+from gateway.state import API_KEY_SCOPE_KEY, gateway_state
 
 PUBLIC = "public"
 ADMIN = "admin"
@@ -37,8 +38,6 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
     """App-wide guard; routes with ``opt={"public": True}`` are open (health, readiness, metrics)."""
     if handler.opt.get(PUBLIC):
         return
-    from gateway.state import gateway_state
-
     state = gateway_state(connection)
     token = _token(connection)
     if token is None:
@@ -50,7 +49,7 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
     key = await state.accounting.keys.authenticate(token)
     if key is None:
         raise ApiError(401, f"Incorrect API key provided: {_redacted(token)}.", code="invalid_api_key")
-    connection.scope["state"]["api_key"] = key
+    connection.scope["state"][API_KEY_SCOPE_KEY] = key
     if handler.opt.get(ADMIN) and not key.is_admin:
         raise ApiError(
             403, "This route needs an API key with the admin scope.", type="permission_error", code="forbidden"
@@ -58,5 +57,5 @@ async def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], handle
 
 
 def current_key(connection: ASGIConnection[Any, Any, Any, Any]) -> ApiKeyInfo:
-    key: ApiKeyInfo = connection.scope["state"]["api_key"]
+    key: ApiKeyInfo = connection.scope["state"][API_KEY_SCOPE_KEY]
     return key

@@ -12,6 +12,8 @@ import secrets
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.state import REQUEST_ID_SCOPE_KEY
+
 REQUEST_ID_HEADER = b"x-request-id"
 
 
@@ -22,7 +24,7 @@ def new_request_id() -> str:
 
 def _request_id(scope: Scope) -> str:
     state = scope.setdefault("state", {})
-    rid: str = state.setdefault("request_id", new_request_id())
+    rid: str = state.setdefault(REQUEST_ID_SCOPE_KEY, new_request_id())
     return rid
 
 

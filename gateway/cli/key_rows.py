@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from gateway.accounting.keys import ApiKeyInfo
+from gateway.accounting.keys import ApiKeyInfo, key_fields
 from gateway.accounting.usage import format_usd
 from gateway.cli.output import emit
 
@@ -17,25 +17,17 @@ _PER = {"total": "", "daily": "/day", "monthly": "/month"}
 
 
 def key_row(info: ApiKeyInfo) -> dict[str, Any]:
-    """Every field, flat: one CSV row, or a JSON object."""
-    return {
-        "id": info.id,
-        "name": info.name,
-        "prefix": info.prefix,
-        "scope": info.scope,
-        "status": info.status(datetime.now(UTC)),
-        "owner": info.owner,
-        "models": "all" if info.allowed_models is None else ",".join(info.allowed_models),
-        "rpm": info.rpm,
-        "tpm": info.tpm,
-        "max_concurrency": info.max_concurrency,
-        "budget_usd": None if info.budget_usd is None else format_usd(info.budget_usd),
-        "budget_period": info.budget_period,
-        "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
-        "revoked_at": None if info.revoked_at is None else info.revoked_at.isoformat(),
-        "created_at": info.created_at.isoformat(),
-        "metadata": json.dumps(info.metadata, sort_keys=True) if info.metadata else None,
-    }
+    """Every field, flat: one CSV row, or a JSON object (models joined, metadata as JSON text)."""
+    fields = key_fields(info).items()
+    return {("models" if name == "allowed_models" else name): _flat(name, value) for name, value in fields}
+
+
+def _flat(name: str, value: Any) -> Any:
+    if name == "allowed_models":
+        return "all" if value is None else ",".join(value)
+    if name == "metadata":
+        return json.dumps(value, sort_keys=True) if value else None
+    return value
 
 
 def key_summary(info: ApiKeyInfo) -> dict[str, Any]:

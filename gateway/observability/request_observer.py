@@ -4,7 +4,8 @@
 request logs, counts the request by route, model and status, and once the response is sent
 writes the request's one log line. ``ObservedMetering`` wraps the metering the routes use; its
 tickets, when a generation's outcome is known, count tokens, cost and latencies, and hand the
-outcome (tokens, cost, TTFT) to that line.
+outcome (tokens, cost, TTFT) to that line. The route's admission (``gateway.api.admission``)
+leaves the model and the ticket in the request's scope, where the observer finds them.
 """
 
 from __future__ import annotations
@@ -19,26 +20,28 @@ from decimal import Decimal
 from typing import Any
 
 import structlog
-from litestar import Request
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
 
 from gateway.accounting.keys import ApiKeyInfo
-from gateway.accounting.metering import FinishOnce, Metering, Ticket
+from gateway.accounting.metering import AdmissionRequest, FinishOnce, Metering, Ticket
 from gateway.accounting.usage import UsageStatus
 from gateway.accounting.usage.pricing import cost
 from gateway.observability.drain import PROBE
 from gateway.observability.metrics import GatewayMetrics
 from gateway.serving.generation import Generation
-from gateway.serving.registry import ModelRuntime
+from gateway.state import (
+    API_KEY_SCOPE_KEY,
+    OBSERVED_MODEL_SCOPE_KEY,
+    OBSERVED_TICKET_SCOPE_KEY,
+    REQUEST_ID_SCOPE_KEY,
+)
 
 # How long a finished response's log line waits for a usage row still being written
 # (a stream the client left: its row is written in the background).
 OUTCOME_WAIT_S = 10.0
 # How long shutdown waits for usage rows of requests cut off by the server's own shutdown.
 SETTLE_AT_SHUTDOWN_S = 5.0
-_MODEL = "observed_model"
-_TICKET = "observed_ticket"
 
 CLIENT_CLOSED_REQUEST = 499
 _logger = structlog.get_logger("gateway.request")
@@ -77,17 +80,17 @@ class GenerationOutcome:
 
 
 def _outcome(
-    runtime: ModelRuntime, endpoint: str, generation: Generation, status: UsageStatus, *, recorded: bool, content: bool
+    admission: AdmissionRequest, generation: Generation, status: UsageStatus, *, recorded: bool, content: bool
 ) -> GenerationOutcome:
-    pricing = runtime.config.pricing
+    pricing = admission.pricing
     reasons = sorted(set(generation.finish_reasons.values()))
     completion: str | list[str] | None = None
     if content:
         texts = ["".join(generation.texts.get(i, [])) for i in range(generation.n)]
         completion = texts[0] if generation.n == 1 else texts
     return GenerationOutcome(
-        model=runtime.name,
-        endpoint=endpoint,
+        model=admission.model,
+        endpoint=admission.endpoint,
         status=status,
         finish_reason=",".join(reasons) or None,
         prompt_tokens=generation.prompt_tokens,
@@ -96,7 +99,7 @@ def _outcome(
         + cost(generation.completion_tokens, pricing.output_per_million),
         ttft_ms=generation.ttft_ms(),
         usage_recorded=recorded,
-        prompt=runtime.tokenizer.decode(generation.prompt_ids) if content else None,
+        prompt=generation.runtime.tokenizer.decode(generation.prompt_ids) if content else None,
         completion=completion,
     )
 
@@ -106,8 +109,7 @@ class ObservedTicket(FinishOnce):
         self,
         inner: Ticket,
         metrics: GatewayMetrics,
-        runtime: ModelRuntime,
-        endpoint: str,
+        admission: AdmissionRequest,
         *,
         log_content: bool,
         on_settled: Callable[[], None],
@@ -116,8 +118,7 @@ class ObservedTicket(FinishOnce):
         self._on_settled = on_settled
         self._inner = inner
         self._metrics = metrics
-        self._runtime = runtime
-        self._endpoint = endpoint
+        self._admission = admission
         self._log_content = log_content
         self.outcome: GenerationOutcome | None = None
 
@@ -131,9 +132,7 @@ class ObservedTicket(FinishOnce):
             await self._inner.finish(generation, status)
             recorded = True
         finally:
-            outcome = _outcome(
-                self._runtime, self._endpoint, generation, status, recorded=recorded, content=self._log_content
-            )
+            outcome = _outcome(self._admission, generation, status, recorded=recorded, content=self._log_content)
             self.outcome = outcome
             metrics = self._metrics
             metrics.generations.labels(outcome.model, status).inc()
@@ -161,39 +160,17 @@ class ObservedMetering:
         self._tickets: weakref.WeakSet[ObservedTicket] = weakref.WeakSet()
         self._a_ticket_settled = asyncio.Event()
 
-    async def admit(
-        self,
-        request: Request[Any, Any, Any],
-        runtime: ModelRuntime,
-        *,
-        endpoint: str,
-        prompt_tokens: int,
-        max_new_tokens: int,
-        user: str | None,
-    ) -> Ticket:
-        request_state = request.scope["state"]
-        # Set before admission, so a refusal (429) is counted under its model too.
-        request_state[_MODEL] = runtime.name
-        key = request_state.get("api_key")
-        if isinstance(key, ApiKeyInfo):
-            structlog.contextvars.bind_contextvars(key_id=key.id, model=runtime.name)
-        ticket = await self.inner.admit(
-            request,
-            runtime,
-            endpoint=endpoint,
-            prompt_tokens=prompt_tokens,
-            max_new_tokens=max_new_tokens,
-            user=user,
-        )
+    async def admit(self, admission: AdmissionRequest) -> Ticket:
+        # Bound before admission, so a refusal's own log lines name the key and model too.
+        structlog.contextvars.bind_contextvars(key_id=admission.key.id, model=admission.model)
+        ticket = await self.inner.admit(admission)
         observed = ObservedTicket(
             ticket,
             self._metrics,
-            runtime,
-            endpoint,
+            admission,
             log_content=self._log_content,
             on_settled=self._a_ticket_settled.set,
         )
-        request_state[_TICKET] = observed
         self._tickets.add(observed)
         return observed
 
@@ -223,7 +200,7 @@ class RequestObserver:
             return
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=scope["state"].get("request_id"))
+        structlog.contextvars.bind_contextvars(request_id=scope["state"].get(REQUEST_ID_SCOPE_KEY))
         # Litestar answers every error itself, so a request that ends with no response begun was
         # left by its client: logged as 499, nginx's "client closed request", not as a failure.
         status = CLIENT_CLOSED_REQUEST
@@ -243,10 +220,10 @@ class RequestObserver:
 
     async def _observe(self, scope: HTTPScope, status: int, duration_s: float) -> None:
         request_state = scope["state"]
-        model: str = request_state.get(_MODEL, "")
+        model: str = request_state.get(OBSERVED_MODEL_SCOPE_KEY, "")
         route = scope.get("path_template") or scope["path"]
         self.metrics.requests.labels(route, scope["method"], model, str(status)).inc()
-        ticket = request_state.get(_TICKET)
+        ticket = request_state.get(OBSERVED_TICKET_SCOPE_KEY)
         outcome = await ticket.settled_outcome() if isinstance(ticket, ObservedTicket) else None
         if outcome is not None:
             self.metrics.e2e.labels(outcome.model, outcome.endpoint).observe(duration_s)
@@ -258,7 +235,7 @@ class RequestObserver:
             "status": status,
             "duration_ms": round(duration_s * 1000, 1),
         }
-        key = request_state.get("api_key")
+        key = request_state.get(API_KEY_SCOPE_KEY)
         if isinstance(key, ApiKeyInfo):
             fields["key_id"] = key.id
         if model:

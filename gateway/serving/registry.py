@@ -7,7 +7,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.base import Backend, Preflight
+from backends.base import Backend, Preflight, PreparesWeights
+from backends.config import BackendConfig
+from backends.factory import create_backend
 from gateway.errors import model_not_found
 from gateway.serving.prompts import Message
 from gateway.serving.prompts.jinja import build_jinja_prompt
@@ -17,28 +19,19 @@ from gateway.serving.tokenizers import Tokenizer, load_chat_template, load_token
 from gateway.settings import ConfigError, ModelConfig
 
 
-def create_backend(config: ModelConfig, weights_dir: Path | None = None) -> Backend:
-    """The backend named by the config; engines are imported only when configured.
+def backend_config(model: ModelConfig) -> BackendConfig:
+    """What the model's backend is told about it: no prices, templates or queue sizes."""
+    return BackendConfig(
+        name=model.name,
+        path=model.path,
+        context_length=model.context_length,
+        max_concurrency=model.max_concurrency,
+        options=model.options,
+    )
 
-    ``weights_dir`` is where llama.cpp keeps weights it converts (``compute_format``).
-    """
-    if config.backend == "llamacpp":
-        from backends.llamacpp.backend import LlamaCppBackend
 
-        return LlamaCppBackend(config, weights_dir=weights_dir)
-    if config.backend == "exllamav2":
-        from backends.exllamav2 import ExLlamaV2Backend
-
-        return ExLlamaV2Backend(config)
-    if config.backend == "openai":
-        from backends.openai_upstream import OpenAIUpstreamBackend
-
-        return OpenAIUpstreamBackend(config)
-    if config.backend == "scripted":
-        from backends.scripted import ScriptedBackend
-
-        return ScriptedBackend.from_config(config)
-    raise ConfigError(f"model {config.name!r}: backend {config.backend!r} is not available")
+def _create_backend(model: ModelConfig, weights_dir: Path | None) -> Backend:
+    return create_backend(model.backend, backend_config(model), weights_dir=weights_dir)
 
 
 @dataclass
@@ -120,7 +113,7 @@ def build_registry(
     """Runtimes for every configured model; ``backends`` overrides engines by model name."""
     runtimes = []
     for config in configs:
-        backend = (backends or {}).get(config.name) or create_backend(config, weights_dir)
+        backend = (backends or {}).get(config.name) or _create_backend(config, weights_dir)
         tokenizer = load_tokenizer(config)
         template = None if config.template == "llama-2" else load_chat_template(config)
         runtimes.append(ModelRuntime(config, backend, tokenizer, template))
@@ -137,10 +130,9 @@ def preflight(
     """Check every model can be served here, so ``serve`` refuses to start with one clear sentence,
     and make the weights files that backends convert (once; later starts find them)."""
     for config in configs:
-        backend = create_backend(config, weights_dir)
+        backend = _create_backend(config, weights_dir)
         if isinstance(backend, Preflight):
             backend.preflight()
-        prepare = getattr(backend, "prepare_weights", None)
-        if prepare is not None:
-            prepare(progress(config.name) if progress is not None else None)
+        if isinstance(backend, PreparesWeights):
+            backend.prepare_weights(progress(config.name) if progress is not None else None)
         load_tokenizer(config)

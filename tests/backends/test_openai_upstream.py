@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from backends.base import BackendUnavailable, GenerationRequest, SamplingParams
+from backends.config import BackendConfig
 from backends.openai_upstream import UpstreamOptions, request_body
 from gateway.settings import ModelConfig, Settings
 from tests.support.live import LiveGateway, free_port, running_gateway
@@ -115,8 +116,6 @@ def test_request_body_sets_every_sampler_field() -> None:
 
 def test_missing_worker_key_is_a_clear_start_up_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
-    config = ModelConfig(
-        name="m", backend="openai", options={"base_url": "http://127.0.0.1:1/v1", "api_key_env": "NO_SUCH_KEY_VAR"}
-    )
+    config = BackendConfig(name="m", options={"base_url": "http://127.0.0.1:1/v1", "api_key_env": "NO_SUCH_KEY_VAR"})
     with pytest.raises(BackendUnavailable, match="NO_SUCH_KEY_VAR is not set"):
         UpstreamOptions.from_config(config)

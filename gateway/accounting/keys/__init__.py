@@ -12,6 +12,7 @@ from gateway.accounting.keys.records import (
     display_prefix,
     generate_key,
     hash_key,
+    key_fields,
 )
 from gateway.accounting.keys.store import KeyStore
 
@@ -28,4 +29,5 @@ __all__ = [
     "display_prefix",
     "generate_key",
     "hash_key",
+    "key_fields",
 ]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from gateway.accounting.usage.pricing import format_usd
 from gateway.db.column_types import MONEY_QUANTUM
 
 KEY_PREFIX = "sk-"
@@ -145,3 +146,26 @@ def validated[T: (NewKey, KeyUpdate)](fields: T) -> T:
         # Stored with ten places; the snapshot returned now should read as the one loaded later.
         checked.budget_usd = budget.quantize(MONEY_QUANTUM)
     return checked
+
+
+def key_fields(info: ApiKeyInfo) -> dict[str, Any]:
+    """Every field of a key as JSON values, never its secret: what the admin API returns and the
+    command line prints. Money is a decimal string, times are ISO 8601."""
+    return {
+        "id": info.id,
+        "name": info.name,
+        "prefix": info.prefix,
+        "scope": info.scope,
+        "status": info.status(datetime.now(UTC)),
+        "owner": info.owner,
+        "allowed_models": None if info.allowed_models is None else list(info.allowed_models),
+        "rpm": info.rpm,
+        "tpm": info.tpm,
+        "max_concurrency": info.max_concurrency,
+        "budget_usd": None if info.budget_usd is None else format_usd(info.budget_usd),
+        "budget_period": info.budget_period,
+        "expires_at": None if info.expires_at is None else info.expires_at.isoformat(),
+        "revoked_at": None if info.revoked_at is None else info.revoked_at.isoformat(),
+        "created_at": info.created_at.isoformat(),
+        "metadata": info.metadata,
+    }

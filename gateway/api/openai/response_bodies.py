@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -46,8 +47,8 @@ class ChunkWriter:
     def __post_init__(self) -> None:
         self.id = self.id or new_id(self.kind)
 
-    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
-        body: dict[str, Any] = {
+    def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
             "id": self.id,
             "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
             "created": self.created,
@@ -55,6 +56,9 @@ class ChunkWriter:
             "system_fingerprint": None,
             "choices": choices,
         }
+
+    def _chunk(self, choices: list[dict[str, Any]]) -> bytes:
+        body = self._envelope(choices)
         if self.include_usage:
             body["usage"] = None
         return sse(body)
@@ -69,16 +73,7 @@ class ChunkWriter:
         return self._chunk([self._choice(index, {}, reason)])
 
     def usage(self, generation: Generation) -> bytes:
-        body: dict[str, Any] = {
-            "id": self.id,
-            "object": "chat.completion.chunk" if self.kind == "chat" else "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": None,
-            "choices": [],
-            "usage": usage(generation),
-        }
-        return sse(body)
+        return sse(self._envelope([]) | {"usage": usage(generation)})
 
     def _choice(self, index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
         if self.kind == "chat":
@@ -91,36 +86,35 @@ def error_event(message: str, type: str = "server_error", code: str | None = Non
 
 
 def chat_body(generation: Generation, model: str, texts: dict[int, list[str]]) -> dict[str, Any]:
-    return {
-        "id": new_id("chat"),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": "".join(texts.get(i, [])), "refusal": None},
-                "logprobs": None,
-                "finish_reason": generation.finish_reasons.get(i),
-            }
-            for i in range(generation.n)
-        ],
-        "usage": usage(generation),
-    }
+    def message(text: str) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": text, "refusal": None}}
+
+    return _body("chat", "chat.completion", generation, model, texts, message)
 
 
 def text_body(generation: Generation, model: str, texts: dict[int, list[str]]) -> dict[str, Any]:
+    return _body("text", "text_completion", generation, model, texts, lambda text: {"text": text})
+
+
+def _body(
+    kind: Kind,
+    object_name: str,
+    generation: Generation,
+    model: str,
+    texts: dict[int, list[str]],
+    content: Callable[[str], dict[str, Any]],
+) -> dict[str, Any]:
+    """A whole (non-streamed) response: one choice per ``n``, each with its text in ``content``'s shape."""
     return {
-        "id": new_id("text"),
-        "object": "text_completion",
+        "id": new_id(kind),
+        "object": object_name,
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": None,
         "choices": [
             {
                 "index": i,
-                "text": "".join(texts.get(i, [])),
+                **content("".join(texts.get(i, []))),
                 "logprobs": None,
                 "finish_reason": generation.finish_reasons.get(i),
             }

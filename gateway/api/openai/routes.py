@@ -13,6 +13,7 @@ from litestar.response import Stream
 
 from backends.base import BackendError
 from gateway.accounting.metering import Ticket, UsageStatus, usage_status
+from gateway.api.admission import admit
 from gateway.api.auth import current_key
 from gateway.api.openai.request_bodies import (
     ChatCompletionRequest,
@@ -86,7 +87,7 @@ async def _serve(
     reservation = runtime.queue.reserve(n)
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     try:
-        ticket = await state.metering.admit(
+        ticket = await admit(
             request,
             runtime,
             endpoint=endpoint,

@@ -21,6 +21,7 @@ from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from gateway.api.admission import admit
 from gateway.api.auth import current_key
 from gateway.api.replicate import predictions
 from gateway.api.replicate.inputs import parse_input
@@ -116,10 +117,9 @@ async def _create(
             "leaves no room for output",
         )
     sampling = inputs.sampling(room)
-    state = gateway_state(request)
     reservation = runtime.queue.reserve(1)
     try:
-        ticket = await state.metering.admit(
+        ticket = await admit(
             request, runtime, endpoint=ENDPOINT, prompt_tokens=len(ids), max_new_tokens=sampling.max_tokens, user=None
         )
     except BaseException:

@@ -13,26 +13,26 @@ from typing import Any
 import pytest
 
 from backends.base import BackendUnavailable, GenerationRequest, SamplingParams, TokenDelta
+from backends.config import BackendConfig
 from backends.llamacpp.backend import LlamaCppBackend
 from gateway.serving.tokenizers import GGUFTokenizer, SentencePieceTokenizer
-from gateway.settings import EMBEDDED_GGUF_SHA256, ModelConfig, embedded_model_path
+from gateway.settings import EMBEDDED_GGUF_SHA256, embedded_model_path
 from tests.support.embedded import DirectEngine, shared_data_dir
 
 CONTEXT = 1024
 
 
-def config(path: Path, **changes: Any) -> ModelConfig:
+def config(path: Path, **changes: Any) -> BackendConfig:
     fields: dict[str, Any] = {
         "name": "model",
-        "backend": "llamacpp",
         "path": str(path),
         "context_length": CONTEXT,
         "options": {"n_ctx": CONTEXT},
     }
-    return ModelConfig(**(fields | changes))
+    return BackendConfig(**(fields | changes))
 
 
-def embedded_config(compute_format: str = "f16", **options: Any) -> ModelConfig:
+def embedded_config(compute_format: str = "f16", **options: Any) -> BackendConfig:
     """The bundled SmolLM2 as the embedded default serves it: F16 from the shipped Q4_1 file."""
     fields = {"n_ctx": CONTEXT, "compute_format": compute_format, "sha256": EMBEDDED_GGUF_SHA256} | options
     return config(embedded_model_path(), options=fields)

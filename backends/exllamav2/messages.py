@@ -1,0 +1,69 @@
+"""Messages between the event loop and the generator thread.
+
+The loop sends commands (`JobRequest`, `Cancel`, `Stop`) through a queue; the thread answers each
+request with events (`Tokens`, `Failure`) delivered on the request's own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from backends.base import FinishReason, GenerationRequest
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    token_ids: tuple[int, ...]
+    """Tokens exllamav2 released for the text (it holds some back, e.g. an incomplete character)."""
+    finish_reason: FinishReason | None = None
+    generated: int = 0
+    """Tokens sampled since the previous event, released or held: what the request is billed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    message: str
+
+
+Event = Tokens | Failure
+
+
+@dataclass(slots=True)
+class JobRequest:
+    key: int
+    request: GenerationRequest
+    logit_bias: list[tuple[int, float]]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Event]
+    job: Any = None
+    counted: int = 0
+    """Sampled tokens already reported, from the job's own count (held tokens included)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    pass
+
+
+Command = JobRequest | Cancel | Stop
+
+
+def deliver(batch: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    for events, event in batch:
+        events.put_nowait(event)
+
+
+@dataclass(slots=True)
+class Loaded:
+    paged: bool
+    max_batch_size: int
+    vocab_size: int
+    eos_token_id: int
+    devices: list[str] = field(default_factory=list)
