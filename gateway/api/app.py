@@ -41,11 +41,11 @@ _ERROR_TYPES = {
 }
 
 
-def _api_error_response(_: AnyRequest, exc: ApiError) -> Response[Any]:
+def _openai_api_error_response(_: AnyRequest, exc: ApiError) -> Response[Any]:
     return Response(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-def _http_error_response(_: AnyRequest, exc: HTTPException) -> Response[Any]:
+def _openai_http_error_response(_: AnyRequest, exc: HTTPException) -> Response[Any]:
     status = exc.status_code
     if isinstance(exc, ValidationException) or status == 400:
         error = ApiError(400, str(exc.detail), code="invalid_value")
@@ -60,7 +60,7 @@ def _http_error_response(_: AnyRequest, exc: HTTPException) -> Response[Any]:
     return Response(error.body(), status_code=status, headers=dict(exc.headers or {}) | error.headers)
 
 
-def _unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
+def _openai_unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
     request.logger.exception("unhandled error", exc_info=exc)
     error = ApiError(500, "The server had an error while processing your request.", type="server_error")
     return Response(error.body(), status_code=500)
@@ -109,9 +109,9 @@ def create_app(
         before_send=[add_request_id_header],
         guards=[require_api_key],
         exception_handlers={
-            ApiError: _api_error_response,
-            HTTPException: _http_error_response,
-            Exception: _unexpected_error_response,
+            ApiError: _openai_api_error_response,
+            HTTPException: _openai_http_error_response,
+            Exception: _openai_unexpected_error_response,
         },
         lifespan=[lifespan, observability.lifespan],
         state=State({STATE_KEY: state, OBSERVABILITY_KEY: observability}),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import secrets
 
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.types import Message as ASGIMessage
 
 from gateway.state import REQUEST_ID_SCOPE_KEY
 
@@ -22,7 +23,7 @@ def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
 
 
-def _request_id(scope: Scope) -> str:
+def _assign_request_id(scope: Scope) -> str:
     state = scope.setdefault("state", {})
     rid: str = state.setdefault(REQUEST_ID_SCOPE_KEY, new_request_id())
     return rid
@@ -34,13 +35,13 @@ class RequestIdMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == ScopeType.HTTP:
-            _request_id(scope)
+            _assign_request_id(scope)
         await self.app(scope, receive, send)
 
 
-def add_request_id_header(message: Message, scope: Scope) -> None:
+def add_request_id_header(message: ASGIMessage, scope: Scope) -> None:
     if message["type"] != "http.response.start":
         return
     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
-    headers.append((REQUEST_ID_HEADER, _request_id(scope).encode()))
+    headers.append((REQUEST_ID_HEADER, _assign_request_id(scope).encode()))
     message["headers"] = headers

@@ -21,7 +21,8 @@ from typing import Any
 
 import structlog
 from litestar.enums import ScopeType
-from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
+from litestar.types import Message as ASGIMessage
 
 from gateway.accounting.keys import ApiKeyInfo
 from gateway.accounting.metering import AdmissionRequest, FinishOnce, Metering, Ticket
@@ -205,7 +206,7 @@ class RequestObserver:
         # left by its client: logged as 499, nginx's "client closed request", not as a failure.
         status = CLIENT_CLOSED_REQUEST
 
-        async def observed_send(message: Message) -> None:
+        async def observed_send(message: ASGIMessage) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]

@@ -50,7 +50,7 @@ class ModelRuntime:
         return self.config.name
 
     @property
-    def context_length(self) -> int:
+    def usable_context_length(self) -> int:
         return self.backend.capabilities.context_length
 
     def with_default_system(self, messages: Sequence[Message]) -> list[Message]:

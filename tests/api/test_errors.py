@@ -26,7 +26,7 @@ MAX_BODY = 4096
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello!"}]
 
 
-class FailingBackend(ScriptedBackend):
+class CrashingAfterTwoTokensBackend(ScriptedBackend):
     """Two tokens, then the engine fails."""
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
@@ -44,7 +44,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         scripted_model(QUEUED, max_concurrency=1, max_queue=1, **slow),
         scripted_model(BROKEN),
     ]
-    backends = {BROKEN: FailingBackend(max_concurrency=1)}
+    backends = {BROKEN: CrashingAfterTwoTokensBackend(max_concurrency=1)}
     with serve(tmp_path_factory, models, backends=backends, max_body_bytes=MAX_BODY) as gateway:
         yield gateway
 

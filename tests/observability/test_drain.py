@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.gateway_process import GatewayProcess, chat_body, gateway_process, scripted_model, wait_for
+from tests.support.gateway_process import GatewayProcess, chat_request_body, gateway_process, scripted_model, wait_for
 
 TWENTY_WORDS = " ".join(f"w{i}" for i in range(20))
 
@@ -31,7 +31,9 @@ class StreamReader(threading.Thread):
         try:
             with (
                 self.gateway.client() as client,
-                client.stream("POST", "/v1/chat/completions", json=chat_body(stream=True, **self.fields)) as response,
+                client.stream(
+                    "POST", "/v1/chat/completions", json=chat_request_body(stream=True, **self.fields)
+                ) as response,
             ):
                 self.status = response.status_code
                 self.request_id = response.headers["x-request-id"]
@@ -54,7 +56,7 @@ def _refused_while_draining(gateway: GatewayProcess) -> None:
     assert httpx.get(gateway.base_url + "/health", timeout=5).status_code == 200
 
     with gateway.client() as client:
-        refused = client.post("/v1/chat/completions", json=chat_body())
+        refused = client.post("/v1/chat/completions", json=chat_request_body())
     assert refused.status_code == 503
     assert int(refused.headers["retry-after"]) >= 1
     assert refused.headers["connection"] == "close"

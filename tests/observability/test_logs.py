@@ -27,7 +27,7 @@ from tests.support.gateway_process import (
     INPUT_PRICE,
     OUTPUT_PRICE,
     GatewayProcess,
-    chat_body,
+    chat_request_body,
     gateway_process,
     scripted_model,
 )
@@ -53,7 +53,7 @@ def test_every_line_is_json_and_uvicorn_lines_share_the_format(gateway: GatewayP
 
 def test_one_line_per_request_with_its_fields(gateway: GatewayProcess) -> None:
     with gateway.client() as client:
-        response = client.post("/v1/chat/completions", json=chat_body(SECRET_PROMPT, max_tokens=4))
+        response = client.post("/v1/chat/completions", json=chat_request_body(SECRET_PROMPT, max_tokens=4))
     assert response.status_code == 200
     usage = response.json()["usage"]
     request_id = response.headers["x-request-id"]
@@ -81,7 +81,7 @@ def test_one_line_per_request_with_its_fields(gateway: GatewayProcess) -> None:
 
 def test_streamed_requests_are_logged_with_their_usage(gateway: GatewayProcess) -> None:
     with gateway.client() as client:
-        response = client.post("/v1/chat/completions", json=chat_body(SECRET_PROMPT, stream=True, max_tokens=3))
+        response = client.post("/v1/chat/completions", json=chat_request_body(SECRET_PROMPT, stream=True, max_tokens=3))
     assert response.text.endswith("data: [DONE]\n\n")
     line = gateway.request_line(response.headers["x-request-id"])
     assert line["status"] == 200
@@ -93,7 +93,7 @@ def test_refused_requests_are_logged_without_secrets(gateway: GatewayProcess) ->
     wrong_key = "sk-wrong-" + "x" * 30
     response = httpx.post(
         gateway.base_url + "/v1/chat/completions",
-        json=chat_body(SECRET_PROMPT),
+        json=chat_request_body(SECRET_PROMPT),
         headers={"Authorization": f"Bearer {wrong_key}"},
     )
     assert response.status_code == 401
@@ -208,7 +208,7 @@ def test_content_is_logged_only_when_enabled(tmp_path: Path) -> None:
         with running_gateway(settings) as live:
             response = httpx.post(
                 live.base_url + "/v1/chat/completions",
-                json=chat_body(SECRET_PROMPT, max_tokens=3),
+                json=chat_request_body(SECRET_PROMPT, max_tokens=3),
                 headers={"Authorization": f"Bearer {live.admin_key}"},
             )
     finally:

@@ -16,7 +16,7 @@ from gateway.settings import Settings
 from tests.support.gateway_process import (
     INPUT_PRICE,
     OUTPUT_PRICE,
-    chat_body,
+    chat_request_body,
     gateway_process,
     metric_samples,
     sample,
@@ -54,9 +54,9 @@ def test_metrics_after_real_requests(live: LiveGateway) -> None:
     usages = []
     with httpx.Client(base_url=live.base_url, headers=headers, timeout=30) as client:
         for body in (
-            chat_body(max_tokens=4),
-            chat_body(max_tokens=200),  # ends with the reply's EOS: 10 tokens
-            chat_body(stream=True, stream_options={"include_usage": True}, max_tokens=6),
+            chat_request_body(max_tokens=4),
+            chat_request_body(max_tokens=200),  # ends with the reply's EOS: 10 tokens
+            chat_request_body(stream=True, stream_options={"include_usage": True}, max_tokens=6),
         ):
             response = client.post(CHAT, json=body)
             assert response.status_code == 200
@@ -67,8 +67,8 @@ def test_metrics_after_real_requests(live: LiveGateway) -> None:
                 usages.append(response.json()["usage"])
         completion = client.post("/v1/completions", json={"model": "scripted", "prompt": "Hi", "max_tokens": 5})
         usages.append(completion.json()["usage"])
-        assert client.post(CHAT, json={**chat_body(), "model": "nope"}).status_code == 404
-    assert httpx.post(live.base_url + CHAT, json=chat_body()).status_code == 401
+        assert client.post(CHAT, json={**chat_request_body(), "model": "nope"}).status_code == 404
+    assert httpx.post(live.base_url + CHAT, json=chat_request_body()).status_code == 401
     after = _scrape(live.base_url)
 
     def grew(name: str, **labels: str) -> float:
@@ -114,14 +114,14 @@ async def test_queue_depth_and_running_requests_are_live(live: LiveGateway) -> N
         holder_started = asyncio.Event()
 
         async def hold_the_slot() -> None:
-            body = {**chat_body(stream=True, max_tokens=40), "model": "slow"}  # 2 s
+            body = {**chat_request_body(stream=True, max_tokens=40), "model": "slow"}  # 2 s
             async with client.stream("POST", CHAT, json=body) as response:
                 async for _ in response.aiter_bytes():
                     holder_started.set()
 
         holder = asyncio.create_task(hold_the_slot())
         await asyncio.wait_for(holder_started.wait(), 10)
-        waiter = asyncio.create_task(client.post(CHAT, json={**chat_body(max_tokens=2), "model": "slow"}))
+        waiter = asyncio.create_task(client.post(CHAT, json={**chat_request_body(max_tokens=2), "model": "slow"}))
 
         async def scrape_until_queued() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             while True:
@@ -148,7 +148,7 @@ def test_several_workers_report_one_aggregate(tmp_path: Path) -> None:
 
         def one(_: int) -> None:
             with gateway.client() as client:
-                assert client.post(CHAT, json=chat_body(max_tokens=3)).status_code == 200
+                assert client.post(CHAT, json=chat_request_body(max_tokens=3)).status_code == 200
 
         def served_by_both() -> bool:
             nonlocal sent

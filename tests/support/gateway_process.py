@@ -50,7 +50,7 @@ def scripted_model(name: str = MODEL, *, max_concurrency: int = 8, **options: An
     )
 
 
-def chat_body(content: str = "Hello", **fields: Any) -> dict[str, Any]:
+def chat_request_body(content: str = "Hello", **fields: Any) -> dict[str, Any]:
     return {"model": MODEL, "messages": [{"role": "user", "content": content}], **fields}
 
 

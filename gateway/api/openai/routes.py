@@ -59,7 +59,7 @@ async def chat_completions(request: AnyRequest) -> Response[Any]:
     runtime = state.models.get(body.model)
     prompt_ids = chat_prompt_ids(body, runtime)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _serve(request, state, body, "chat", prompt_ids, max_tokens)
+    return await _respond(request, state, body, "chat", prompt_ids, max_tokens)
 
 
 @post("/v1/completions", status_code=200)
@@ -70,10 +70,10 @@ async def completions(request: AnyRequest) -> Response[Any]:
     runtime = state.models.get(body.model)
     prompt_ids = completion_prompt_ids(body, runtime)
     # The legacy endpoint's max_tokens defaults to 16, as OpenAI's does.
-    return await _serve(request, state, body, "text", prompt_ids, body.max_tokens or 16)
+    return await _respond(request, state, body, "text", prompt_ids, body.max_tokens or 16)
 
 
-async def _serve(
+async def _respond(
     request: AnyRequest,
     state: GatewayState,
     body: SamplingFields,

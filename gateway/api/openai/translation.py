@@ -112,7 +112,7 @@ def chat_prompt_ids(request: ChatCompletionRequest, runtime: ModelRuntime) -> li
 
 
 def _context_error(runtime: ModelRuntime, prompt: int, completion: int | None) -> ApiError:
-    limit = runtime.context_length
+    limit = runtime.usable_context_length
     if completion is None:
         detail = f"your messages resulted in {prompt} tokens"
     else:
@@ -132,7 +132,7 @@ def sampling_params(
     fields: SamplingFields, runtime: ModelRuntime, prompt_tokens: int, max_tokens: int | None
 ) -> SamplingParams:
     """Request values, else the model's configured defaults, else OpenAI's defaults."""
-    room = runtime.context_length - prompt_tokens
+    room = runtime.usable_context_length - prompt_tokens
     if room <= 0:
         raise _context_error(runtime, prompt_tokens, None)
     defaults = runtime.config.defaults

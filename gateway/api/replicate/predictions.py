@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from gateway.serving.generation import Generation
 
-Status = Literal["starting", "processing", "succeeded", "failed", "canceled"]
-TERMINAL: frozenset[Status] = frozenset({"succeeded", "failed", "canceled"})
+PredictionStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
+TERMINAL: frozenset[PredictionStatus] = frozenset({"succeeded", "failed", "canceled"})
 
 RETENTION_SECONDS = 3600.0
 MAX_FINISHED = 1000
@@ -47,7 +47,7 @@ class Prediction:
     version: str
     input: dict[str, Any]
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    status: Status = "starting"
+    status: PredictionStatus = "starting"
     output: list[str] = field(default_factory=list)
     error: str | None = None
     started_at: datetime | None = None
@@ -84,7 +84,7 @@ class Prediction:
         self.output.append(text)
         self._notify()
 
-    def finish(self, status: Status, generation: Generation, error: str | None = None) -> None:
+    def finish(self, status: PredictionStatus, generation: Generation, error: str | None = None) -> None:
         now = time.monotonic()
         started = self._started_monotonic if self._started_monotonic is not None else now
         predict_time = now - started
@@ -105,7 +105,7 @@ class Prediction:
         self._finished.set()
         self._notify()
 
-    def to_json(self, base_url: str, *, pending_as: Status | None = None) -> dict[str, Any]:
+    def to_json(self, base_url: str, *, pending_as: PredictionStatus | None = None) -> dict[str, Any]:
         """Replicate's prediction object. ``pending_as`` overrides the status of an unfinished one."""
         url = f"{base_url.rstrip('/')}/v1/predictions/{self.id}"
         status = pending_as if pending_as is not None and not self.done else self.status

@@ -108,12 +108,12 @@ async def _create(
     _reject_unsupported(body)
     inputs = parse_input(body["input"])
     ids = prompt_ids(inputs, runtime)
-    room = runtime.context_length - len(ids)
+    room = runtime.usable_context_length - len(ids)
     if room <= 0:
         raise invalid(
             "input.prompt",
             "value",
-            f"The prompt is {len(ids)} tokens; this model's context of {runtime.context_length} tokens "
+            f"The prompt is {len(ids)} tokens; this model's context of {runtime.usable_context_length} tokens "
             "leaves no room for output",
         )
     sampling = inputs.sampling(room)
@@ -261,16 +261,16 @@ def _problem_response(_: AnyRequest, exc: Problem) -> Response[Any]:
     return Response(exc.body(), status_code=exc.status, headers=exc.headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
-def _api_error_response(request: AnyRequest, exc: ApiError) -> Response[Any]:
+def _problem_api_error_response(request: AnyRequest, exc: ApiError) -> Response[Any]:
     return _problem_response(request, Problem.from_api_error(exc))
 
 
-def _http_error_response(request: AnyRequest, exc: HTTPException) -> Response[Any]:
+def _problem_http_error_response(request: AnyRequest, exc: HTTPException) -> Response[Any]:
     problem = Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
     return _problem_response(request, problem)
 
 
-def _unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
+def _problem_unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
     request.logger.exception("unhandled error", exc_info=exc)
     return _problem_response(request, Problem(500, "The server had an error while processing your request."))
 
@@ -290,8 +290,8 @@ REPLICATE_ROUTES = Router(
     ],
     exception_handlers={
         Problem: _problem_response,
-        ApiError: _api_error_response,
-        HTTPException: _http_error_response,
-        Exception: _unexpected_error_response,
+        ApiError: _problem_api_error_response,
+        HTTPException: _problem_http_error_response,
+        Exception: _problem_unexpected_error_response,
     },
 )

@@ -16,7 +16,7 @@ from litestar import Litestar
 from backends.base import BackendError
 from gateway.accounting.metering import Ticket, usage_status
 from gateway.accounting.usage import UsageStatus
-from gateway.api.replicate.predictions import Prediction, PredictionStore, Status
+from gateway.api.replicate.predictions import Prediction, PredictionStatus, PredictionStore
 from gateway.serving.generation import Generation
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ UNRECORDED = "The prediction's usage could not be recorded."
 
 
 async def _settle(prediction: Prediction, generation: Generation, ticket: Ticket, outcome: UsageStatus) -> None:
-    statuses: dict[UsageStatus, Status] = {"cancelled": "canceled", "failed": "failed"}
+    statuses: dict[UsageStatus, PredictionStatus] = {"cancelled": "canceled", "failed": "failed"}
     status = statuses.get(outcome, "succeeded")
     error = BACKEND_FAILED if outcome == "failed" else None
     try:

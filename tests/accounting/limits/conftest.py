@@ -41,7 +41,7 @@ def make_key() -> Callable[..., ApiKeyInfo]:
     return _key
 
 
-class Backend:
+class LimiterKind:
     def __init__(self, kind: str, redis_url: str = "", prefix: str = "") -> None:
         self.kind = kind
         self.redis_url = redis_url
@@ -49,27 +49,27 @@ class Backend:
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def backend(request: pytest.FixtureRequest) -> Backend:
+def limiter_kind(request: pytest.FixtureRequest) -> LimiterKind:
     """The limiter's kind; for Redis, the server and a key prefix of this test's own."""
     if request.param == "redis":
-        return Backend("redis", request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix"))
-    return Backend("memory")
+        return LimiterKind("redis", request.getfixturevalue("redis_server"), request.getfixturevalue("redis_prefix"))
+    return LimiterKind("memory")
 
 
 @pytest.fixture
-def backend_kind(backend: Backend) -> str:
-    return backend.kind
+def limiter_kind_name(limiter_kind: LimiterKind) -> str:
+    return limiter_kind.kind
 
 
 @pytest.fixture
-async def make_limiter(backend: Backend) -> AsyncIterator[MakeLimiter]:
+async def make_limiter(limiter_kind: LimiterKind) -> AsyncIterator[MakeLimiter]:
     """Builds limiters of this test's kind; Redis ones share state, like replicas do."""
     made: list[Limiter] = []
 
     def build(spend_loader: Any = None, **options: Any) -> Limiter:
         limiter: Limiter
-        if backend.kind == "redis":
-            limiter = RedisLimiter.from_url(backend.redis_url, spend_loader, prefix=backend.prefix, **options)
+        if limiter_kind.kind == "redis":
+            limiter = RedisLimiter.from_url(limiter_kind.redis_url, spend_loader, prefix=limiter_kind.prefix, **options)
         else:
             limiter = MemoryLimiter(spend_loader, **options)
         made.append(limiter)

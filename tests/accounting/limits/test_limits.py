@@ -124,12 +124,12 @@ async def test_a_budget_held_by_requests_in_flight_is_worth_retrying(
 
 
 async def test_concurrent_requests_cannot_overspend_a_budget(
-    make_limiter: MakeLimiter, make_key: MakeKey, backend_kind: str
+    make_limiter: MakeLimiter, make_key: MakeKey, limiter_kind_name: str
 ) -> None:
     budget, worst = Decimal("0.50"), Decimal("0.01")
     key = make_key(budget_usd=budget)
     # Redis: two limiters, as two replicas sharing one budget.
-    limiters = [make_limiter(spend_of("0")) for _ in range(2 if backend_kind == "redis" else 1)]
+    limiters = [make_limiter(spend_of("0")) for _ in range(2 if limiter_kind_name == "redis" else 1)]
     settled: list[Decimal] = []
     outcomes: dict[str, int] = {}
     rng = random.Random(7)
@@ -162,7 +162,7 @@ async def test_concurrent_requests_cannot_overspend_a_budget(
 
 
 async def test_spend_is_loaded_once_per_key_and_period(
-    make_limiter: MakeLimiter, make_key: MakeKey, backend_kind: str
+    make_limiter: MakeLimiter, make_key: MakeKey, limiter_kind_name: str
 ) -> None:
     calls: list[datetime | None] = []
 
@@ -176,7 +176,7 @@ async def test_spend_is_loaded_once_per_key_and_period(
         *(limiter.admit(key, max_tokens=1, worst_case_cost=CENT) for _ in range(10)), return_exceptions=True
     )
     assert all(isinstance(a, Admission) for a in admissions)
-    assert calls == [None] if backend_kind == "memory" else 1 <= len(calls) <= 10
+    assert calls == [None] if limiter_kind_name == "memory" else 1 <= len(calls) <= 10
     error = await refused(limiter.admit(key, max_tokens=1, worst_case_cost=CENT))
     assert error.code == "rate_limit_exceeded"  # 0.90 spent + 10 cents reserved: full until they settle
 

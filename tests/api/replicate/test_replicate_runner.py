@@ -26,7 +26,7 @@ class RecordingTicket:
             raise RuntimeError("the database is gone")
 
 
-class FailingBackend:
+class CrashingAfterOneTokenBackend:
     capabilities = BackendCapabilities(max_concurrency=1, context_length=4096)
 
     async def start(self) -> None:
@@ -109,7 +109,7 @@ async def test_cancelling_a_finished_prediction_changes_nothing(start: Start) ->
 
 
 async def test_a_backend_failure_fails_the_prediction_and_is_billed(start: Start) -> None:
-    _, prediction, ticket = start(FailingBackend())
+    _, prediction, ticket = start(CrashingAfterOneTokenBackend())
     await settled(prediction)
     assert (prediction.status, prediction.error) == ("failed", BACKEND_FAILED)
     assert prediction.output == ["Hello"]
