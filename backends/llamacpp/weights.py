@@ -115,7 +115,13 @@ def ensure_converted(
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConversionError(f"cannot create the data directory {cache_dir}: {exc.strerror}") from exc
-    _convert_atomically(source, target, fmt, source_sha256, progress)
+    try:
+        _convert_atomically(source, target, fmt, source_sha256, progress)
+    except OSError as exc:  # a full disk, a read-only directory: nothing half-written is left behind
+        raise ConversionError(
+            f"cannot write converted weights into {cache_dir}: {exc.strerror or exc}; "
+            "free some space or point data_dir (LLAMA_GATEWAY_DATA_DIR) elsewhere"
+        ) from exc
     return ConvertedWeights(target, converted=True, seconds=time.monotonic() - started)
 
 

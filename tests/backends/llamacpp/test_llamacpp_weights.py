@@ -139,3 +139,19 @@ def test_a_file_cut_short_after_its_header_is_not_reused(source: Path, f16: Path
     target.write_bytes(f16.read_bytes()[: f16.stat().st_size - 4096])
     assert recorded_source_sha256(target) is None
     assert ensure_converted(source, "f16", tmp_path).converted
+
+
+def test_a_failed_write_is_one_error_and_leaves_no_file(source: Path, tmp_path: Path) -> None:
+    def disk_full(done: int, total: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(ConversionError, match="No space left on device; free some space or point data_dir"):
+        ensure_converted(source, "f16", tmp_path, progress=disk_full)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_data_directory_that_is_a_file_is_one_error(source: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    with pytest.raises(ConversionError, match="cannot create the data directory"):
+        ensure_converted(source, "f16", blocker / "weights")
