@@ -13,23 +13,21 @@ import json
 import os
 import secrets
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 
+from tests.support.gateway_process import console_script, write_config
 from tests.support.gateways import bearer, usage_rows
 from tests.support.live import free_port
-from tests.support.paths import LLAMA2_TOKENIZER_MODEL
+from tests.support.model_configs import scripted_model
 
 CLIENTS = 48
 KILL_AFTER_COMPLETED = 150
 STARTUP_TIMEOUT_S = 60.0
-GATEWAY = str(Path(sys.executable).with_name("llama-gateway"))
 
 
 @dataclass(frozen=True)
@@ -39,30 +37,20 @@ class Received:
     completion_tokens: int
 
 
-def write_config(directory: Path, port: int, database_url: str) -> Path:
-    config = {
-        "host": "127.0.0.1",
-        "port": port,
-        "database_url": database_url,
-        "log_level": "warning",
-        # A wide group-commit window: were any response to go out before its commit, the kill would catch it.
-        "usage_flush_interval_ms": 25,
-        "models": [
-            {
-                "name": "scripted",
-                "backend": "scripted",
-                "template": "llama-2",
-                "tokenizer": str(LLAMA2_TOKENIZER_MODEL),
-                "max_concurrency": 64,
-                "max_queue": 256,
-                "pricing": {"input_per_million": "0.65", "output_per_million": "2.75"},
-                "options": {"reply": "A short scripted answer.", "token_delay_ms": 1, "end_with_eos": False},
-            }
-        ],
-    }
-    path = directory / "gateway.yaml"
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-    return path
+def crash_config(directory: Path, port: int, database_url: str) -> Path:
+    model = scripted_model(
+        "scripted",
+        max_concurrency=64,
+        max_queue=256,
+        input_price="0.65",
+        output_price="2.75",
+        reply="A short scripted answer.",
+        token_delay_ms=1,
+        end_with_eos=False,
+    )
+    # A wide group-commit window: were any response to go out before its commit, the kill would catch it.
+    settings = {"database_url": database_url, "log_level": "warning", "usage_flush_interval_ms": 25}
+    return write_config(directory / "gateway.yaml", port, [model], **settings)
 
 
 def server_log(log: Path) -> str:
@@ -71,7 +59,7 @@ def server_log(log: Path) -> str:
 
 async def run_cli(*args: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     with log.open("ab") as out:
-        return await asyncio.create_subprocess_exec(GATEWAY, *args, env=env, stdout=out, stderr=out)
+        return await asyncio.create_subprocess_exec(*console_script(), *args, env=env, stdout=out, stderr=out)
 
 
 async def wait_until_ready(base_url: str, server: asyncio.subprocess.Process, log: Path) -> None:
@@ -145,7 +133,7 @@ async def test_a_killed_server_lost_no_row_of_a_completed_response(db_url: str, 
     port = free_port()
     env = {name: value for name, value in os.environ.items() if not name.startswith("LLAMA_GATEWAY_")}
     env["LLAMA_GATEWAY_INITIAL_ADMIN_KEY"] = key
-    config = write_config(tmp_path, port, db_url)
+    config = crash_config(tmp_path, port, db_url)
     log = tmp_path / "gateway.log"
 
     upgrade = await run_cli("db", "upgrade", "--config", str(config), env=env, log=log)

@@ -124,7 +124,8 @@ def wait_for[T](probe: Callable[[], T | None], timeout: float, failure: str) -> 
         time.sleep(0.05)
 
 
-def _console_script() -> list[str]:
+def console_script() -> list[str]:
+    """The ``llama-gateway`` command of this environment."""
     script = Path(sys.executable).with_name("llama-gateway")
     if script.exists():
         return [str(script)]
@@ -139,20 +140,12 @@ def gateway_process(
     port = free_port()
     db_path = directory / "gateway.db"
     api_key = "sk-test-" + secrets.token_urlsafe(24)
-    config = {
-        "host": "127.0.0.1",
-        "port": port,
-        "database_url": f"sqlite+aiosqlite:///{db_path}",
-        "log_format": "json",
-        **settings,
-        "models": [_model_yaml(m) for m in (models or [scripted_model()])],
-    }
-    config_path = directory / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    settings = {"database_url": f"sqlite+aiosqlite:///{db_path}", "log_format": "json"} | settings
+    config_path = write_config(directory / "config.yaml", port, models or [scripted_model()], **settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_GATEWAY_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["LLAMA_GATEWAY_INITIAL_ADMIN_KEY"] = api_key
-    command = [*_console_script(), "serve", "--config", str(config_path), "--workers", str(workers)]
+    command = [*console_script(), "serve", "--config", str(config_path), "--workers", str(workers)]
     log_path = directory / "gateway.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=directory)
@@ -185,6 +178,8 @@ def _wait_until_serving(served: GatewayProcess, workers: int) -> None:
     wait_for(started, STARTUP_TIMEOUT_S, "the gateway did not become ready")
 
 
-def _model_yaml(model: ModelConfig) -> dict[str, Any]:
-    raw: dict[str, Any] = msgspec.to_builtins(model)
-    return raw
+def write_config(path: Path, port: int, models: list[ModelConfig], **settings: Any) -> Path:
+    """A gateway config file serving ``models`` on loopback ``port``, as an operator writes one."""
+    config = {"host": "127.0.0.1", "port": port, **settings, "models": msgspec.to_builtins(models)}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
