@@ -21,11 +21,13 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check gateway backends tests bench
+	$(BIN)/ruff format --check gateway backends tests bench
 	$(BIN)/mypy
 	$(BIN)/pytest $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check gateway backends tests bench
+	$(BIN)/ruff format --check gateway backends tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -13,7 +13,6 @@ from tests.support.paths import LLAMA2_REFERENCE, LLAMA2_TOKENIZER_DIR
 __all__ = ["direct_engine"]  # a fixture shared by the API and backend tests
 
 
-
 def _reference_tokenizations() -> list[tuple[str, list[int]]]:
     # Bytes, not text mode: some inputs hold "\r", which universal newlines would rewrite.
     inputs = (LLAMA2_REFERENCE / "reference.inp").read_bytes().decode("utf-8").split("\n__ggml_vocab_test__\n")

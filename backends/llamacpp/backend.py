@@ -58,9 +58,7 @@ class LlamaCppOptions:
         options = dict(config.options)
         unknown = set(options) - {"n_ctx", "n_threads", "n_batch", "compute_format", "sha256"}
         if unknown:
-            raise BackendUnavailable(
-                f"model {config.name!r}: unknown llamacpp option(s) {', '.join(sorted(unknown))}"
-            )
+            raise BackendUnavailable(f"model {config.name!r}: unknown llamacpp option(s) {', '.join(sorted(unknown))}")
         compute_format = options.get("compute_format", "stored")
         if compute_format not in _FORMATS:
             raise BackendUnavailable(

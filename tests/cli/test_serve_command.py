@@ -30,12 +30,15 @@ def test_exllamav2_model_on_a_machine_without_it_fails_in_one_sentence(
     (model_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     for name in ("tokenizer.json", "tokenizer.model"):
         (model_dir / name).write_bytes((llama2_tokenizer_dir / name).read_bytes())
-    config = _config(tmp_path, {"name": "llama-2-7b-chat", "backend": "exllamav2", "path": str(model_dir),
-                                "template": "llama-2"})
+    config = _config(
+        tmp_path, {"name": "llama-2-7b-chat", "backend": "exllamav2", "path": str(model_dir), "template": "llama-2"}
+    )
     # A real process, as an operator runs it: the message must be the whole output.
     result = subprocess.run(
         [sys.executable, "-c", "from gateway.cli.main import main; main()", "serve", "--config", str(config)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 1
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
@@ -67,7 +70,10 @@ def serve_in_a_process(*args: str, env: dict[str, str] | None = None) -> subproc
 
     return subprocess.run(
         [sys.executable, "-c", "from gateway.cli.main import main; main()", "serve", *args],
-        capture_output=True, text=True, timeout=120, env=os.environ | (env or {}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | (env or {}),
     )
 
 
@@ -82,8 +88,7 @@ def assert_one_sentence(result: subprocess.CompletedProcess[str], starts_with: s
 
 def _scripted_config(tmp_path: Path, database_url: str) -> Path:
     path = tmp_path / "config.yaml"
-    model = {"name": "m", "backend": "scripted", "template": "llama-2",
-             "tokenizer": str(LLAMA2_TOKENIZER_MODEL)}
+    model = {"name": "m", "backend": "scripted", "template": "llama-2", "tokenizer": str(LLAMA2_TOKENIZER_MODEL)}
     path.write_text(yaml.safe_dump({"database_url": database_url, "models": [model]}))
     return path
 

@@ -15,9 +15,7 @@ def test_weights_depend_on_seed_and_tensor_name() -> None:
     first, second = plan_tensors("tiny")[2], plan_tensors("tiny")[3]
     assert np.array_equal(tensor_values(first, shape, 7), tensor_values(first, shape, 7))
     assert not np.array_equal(tensor_values(first, shape, 7), tensor_values(first, shape, 8))
-    assert not np.array_equal(
-        tensor_values(first, shape, 7)[:64], tensor_values(second, shape, 7)[:64]
-    )
+    assert not np.array_equal(tensor_values(first, shape, 7)[:64], tensor_values(second, shape, 7)[:64])
 
 
 def _shapes(size: Size, layers: int | None = None) -> dict[str, tuple[int, ...]]:

@@ -117,8 +117,7 @@ def _context_error(runtime: ModelRuntime, prompt: int, completion: int | None) -
         detail = f"your messages resulted in {prompt} tokens"
     else:
         detail = (
-            f"you requested {prompt + completion} tokens "
-            f"({prompt} in the messages, {completion} in the completion)"
+            f"you requested {prompt + completion} tokens ({prompt} in the messages, {completion} in the completion)"
         )
     return invalid_request(
         f"This model's maximum context length is {limit} tokens. However, {detail}. "

@@ -125,9 +125,7 @@ async def _create(
     except BaseException:
         reservation.release()
         raise
-    generation = Generation(
-        runtime, request_id(request), ids, sampling, inputs.stop_sequences, reservation=reservation
-    )
+    generation = Generation(runtime, request_id(request), ids, sampling, inputs.stop_sequences, reservation=reservation)
     service = prediction_service(request.app)
     prediction = service.store.add(
         owner=current_key(request).id, model=model, version=version, input=dict(body["input"])
