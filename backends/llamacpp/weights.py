@@ -8,8 +8,10 @@ and answer alike everywhere, a little slower. The conversion reads each tensor's
 (``gguf.quants.dequantize``), so nothing is re-learned or re-quantized: F32 holds them exactly,
 F16 rounds them to 11 significant bits.
 
-The converted file is named after the source's SHA-256 and records it in its metadata, so a
-changed source is converted again and a cached file is never served for the wrong source.
+The converted file is named after the source's SHA-256 and records it, with its own size, in its
+first metadata fields, so a changed source is converted again, a cached file is never served for
+the wrong source or cut short, and checking the cache reads a few hundred bytes (parsing the whole
+header with ``GGUFReader``, vocabulary included, takes seconds).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import struct
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +37,11 @@ ComputeFormat = Literal["f16", "bf16", "f32", "q8_0"]
 Q8_0 re-quantizes the stored values, so it is the one format that changes them beyond rounding."""
 
 SOURCE_SHA256_KEY = "llama_gateway.source_sha256"
+FILE_BYTES_KEY = "llama_gateway.file_bytes"
+# GGUF's value types for the fields this module writes first (gguf.GGUFValueType.STRING, UINT64).
+_STRING, _UINT64 = 8, 10
+# general.architecture, then the two fields above.
+_LEADING_FIELDS = 3
 # The writer announces each file it writes at INFO; the conversion logs one line of its own.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 _CHUNK = 1 << 20
@@ -53,12 +62,29 @@ class ConvertedWeights:
     seconds: float
 
 
+# What this process already read, by file identity (path, inode, size, mtime): ``serve`` checks
+# the weights before uvicorn starts and the backend again when it loads, and tests start many
+# backends on one file. A changed file has a new identity and is read again.
+_FileIdentity = tuple[str, int, int, int]
+_digests: dict[_FileIdentity, str] = {}
+_recorded: dict[_FileIdentity, str | None] = {}
+
+
+def _identity(path: Path) -> _FileIdentity:
+    status = path.stat()
+    return (str(path.resolve()), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
 def sha256_of(path: Path) -> str:
+    identity = _identity(path)
+    if (known := _digests.get(identity)) is not None:
+        return known
     digest = hashlib.sha256()
     with path.open("rb") as file:
         while chunk := file.read(_CHUNK):
             digest.update(chunk)
-    return digest.hexdigest()
+    _digests[identity] = digest.hexdigest()
+    return _digests[identity]
 
 
 def converted_path(source: Path, source_sha256: str, fmt: ComputeFormat, cache_dir: Path) -> Path:
@@ -69,19 +95,51 @@ def converted_path(source: Path, source_sha256: str, fmt: ComputeFormat, cache_d
 
 def recorded_source_sha256(path: Path) -> str | None:
     """The source checksum a complete converted file records; None for any other or damaged file."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
-        field = reader.get_field(SOURCE_SHA256_KEY)
-        # A file cut short keeps its header: every tensor's data must be there in full too.
-        complete = all(tensor.data.nbytes == tensor.n_bytes for tensor in reader.tensors)
-    except Exception:  # the reader fails in many ways (IndexError, ValueError, ...) on damaged files
+        identity = _identity(path)
+    except OSError:
         return None
-    if field is None or not complete:
+    if identity not in _recorded:
+        _recorded[identity] = _read_recorded_source_sha256(path)
+    return _recorded[identity]
+
+
+def _read_recorded_source_sha256(path: Path) -> str | None:
+    fields = {key: value for key, (_, value) in _leading_fields(path).items()}
+    sha256 = fields.get(SOURCE_SHA256_KEY)
+    if not isinstance(sha256, str) or fields.get(FILE_BYTES_KEY) != path.stat().st_size:
         return None
-    value = field.contents()
-    return value if isinstance(value, str) else None
+    return sha256
+
+
+def _leading_fields(path: Path) -> dict[str, tuple[int, str | int]]:
+    """The first metadata fields of a little-endian GGUF that hold a string or a uint64: by key,
+    the value's offset in the file and the value. Empty for anything else."""
+    fields: dict[str, tuple[int, str | int]] = {}
+    try:
+        with path.open("rb") as file:
+            head = file.read(64 << 10)
+        magic, _version, _tensors, count = struct.unpack_from("<4sIQQ", head)
+        if magic != b"GGUF":
+            return fields
+        offset = 24
+        for _ in range(min(count, _LEADING_FIELDS)):
+            (length,) = struct.unpack_from("<Q", head, offset)
+            key = head[offset + 8 : offset + 8 + length].decode("utf-8")
+            (value_type,) = struct.unpack_from("<I", head, offset + 8 + length)
+            offset += 12 + length
+            if value_type == _UINT64:
+                fields[key] = (offset, struct.unpack_from("<Q", head, offset)[0])
+                offset += 8
+            elif value_type == _STRING:
+                (length,) = struct.unpack_from("<Q", head, offset)
+                fields[key] = (offset, head[offset + 8 : offset + 8 + length].decode("utf-8"))
+                offset += 8 + length
+            else:
+                break
+    except (OSError, struct.error, UnicodeDecodeError):
+        return {}
+    return fields
 
 
 def ensure_converted(
@@ -97,8 +155,6 @@ def ensure_converted(
     ``expected_sha256`` (when the source is a known file, such as the bundled model) is checked
     before anything is read as weights.
     """
-    import time
-
     started = time.monotonic()
     try:
         source_sha256 = sha256_of(source)
@@ -109,7 +165,7 @@ def ensure_converted(
             f"{source} has SHA-256 {source_sha256}, not the {expected_sha256} it should have; reinstall the package"
         )
     target = converted_path(source, source_sha256, fmt, cache_dir)
-    if target.is_file() and recorded_source_sha256(target) == source_sha256:
+    if recorded_source_sha256(target) == source_sha256:
         return ConvertedWeights(target, converted=False, seconds=time.monotonic() - started)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +221,9 @@ def _convert(source: Path, target: Path, fmt: ComputeFormat, source_sha256: str,
     alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
     if alignment is not None:
         writer.data_alignment = int(alignment.contents())
+    # First after the architecture, where the cache check reads them; the size is filled in last.
+    writer.add_string(SOURCE_SHA256_KEY, source_sha256)
+    writer.add_uint64(FILE_BYTES_KEY, 0)
     file_type = int(gguf.LlamaFileType[_FILE_TYPES[fmt]])
     for field in reader.fields.values():
         # GGUF.* fields are the header itself; the architecture is written by the writer.
@@ -174,7 +233,6 @@ def _convert(source: Path, target: Path, fmt: ComputeFormat, source_sha256: str,
         sub_type = field.types[-1] if value_type == gguf.GGUFValueType.ARRAY else None
         value = file_type if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
         writer.add_key_value(field.name, value, value_type, sub_type=sub_type)
-    writer.add_string(SOURCE_SHA256_KEY, source_sha256)
 
     planned = [(tensor, _target_type(tensor.data.ndim, fmt)) for tensor in reader.tensors]
     for tensor, target_type in planned:
@@ -196,6 +254,10 @@ def _convert(source: Path, target: Path, fmt: ComputeFormat, source_sha256: str,
         if progress is not None:
             progress(done, total)
     writer.close()
+    size_offset, _ = _leading_fields(target)[FILE_BYTES_KEY]
+    with target.open("r+b") as file:
+        file.seek(size_offset)
+        file.write(struct.pack("<Q", target.stat().st_size))
 
 
 def _target_type(ndim: int, fmt: ComputeFormat) -> GGMLQuantizationType:
