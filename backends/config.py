@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
+
+ComputeFormat = Literal["f16", "bf16", "f32", "q8_0"]
+"""What llama.cpp can compute a GGUF's weights in once converted (``backends.llamacpp.weights``)."""
+WeightsFormat = Literal["stored", ComputeFormat]
+"""A llama.cpp model's ``compute_format``: ``stored`` serves the file as it is."""
 
 
 @dataclass(frozen=True, slots=True)

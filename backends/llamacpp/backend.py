@@ -18,7 +18,7 @@ import threading
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from backends.base import (
     BackendCapabilities,
@@ -28,14 +28,12 @@ from backends.base import (
     SamplingParams,
     TokenDelta,
 )
-from backends.config import BackendConfig
+from backends.config import BackendConfig, WeightsFormat
 from backends.llamacpp.log_routing import route_llama_cpp_logs
 from backends.llamacpp.weights import ConversionError, Progress, ensure_converted, sha256_of
 
 logger = logging.getLogger(__name__)
 
-WeightsFormat = Literal["stored", "f16", "bf16", "f32", "q8_0"]
-"""``stored``: the GGUF as it is; otherwise a conversion of it (see ``backends.llamacpp.weights``)."""
 _FORMATS: tuple[str, ...] = get_args(WeightsFormat)
 
 # Penalties look back over this many tokens, as llama.cpp's own server does by default.

@@ -25,16 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from backends.config import ComputeFormat
 
 if TYPE_CHECKING:
     from gguf import GGMLQuantizationType, ReaderTensor
 
-ComputeFormat = Literal["f16", "bf16", "f32", "q8_0"]
-"""Formats a GGUF can be rewritten to (F16 serves the embedded default; bench/ measures them all).
-Q8_0 re-quantizes the stored values, so it is the one format that changes them beyond rounding."""
+# F16 serves the embedded default; bench/ measures every format. Q8_0 re-quantizes the stored
+# values, so it is the one format that changes them beyond rounding.
 
 SOURCE_SHA256_KEY = "llama_gateway.source_sha256"
 FILE_BYTES_KEY = "llama_gateway.file_bytes"
