@@ -28,9 +28,7 @@ from typing import Any
 from backends.base import GenerationRequest, SamplingParams
 from backends.llamacpp.backend import LlamaCppBackend
 from gateway.serving.prompts import Message
-from gateway.serving.prompts.jinja import build_jinja_prompt
-from gateway.serving.registry import backend_config
-from gateway.serving.tokenizers import load_chat_template, load_tokenizer
+from gateway.serving.registry import backend_config, build_registry
 from gateway.settings import ModelConfig, embedded_model
 
 FORMATS = ("stored", "q8_0", "f16", "bf16", "f32")
@@ -46,11 +44,9 @@ def model_config(fmt: str, threads: int) -> ModelConfig:
 
 
 def chat_ids(question: str) -> list[int]:
+    """The prompt the embedded default builds for one question (its default system prompt included)."""
     config = embedded_model()
-    template = load_chat_template(config)
-    assert template is not None
-    system = config.defaults.system_prompt or ""
-    return build_jinja_prompt(template, [Message("system", system), Message("user", question)], load_tokenizer(config))
+    return build_registry([config]).get(config.name).chat_prompt_ids([Message("user", question)])
 
 
 async def decode_rate(backend: LlamaCppBackend, prompt: list[int], max_tokens: int) -> float:

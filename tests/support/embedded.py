@@ -15,8 +15,7 @@ import pytest
 
 from backends.llamacpp.weights import ensure_converted
 from gateway.serving.prompts import Message
-from gateway.serving.prompts.jinja import build_jinja_prompt
-from gateway.serving.tokenizers import load_chat_template, load_tokenizer
+from gateway.serving.registry import build_registry
 from gateway.settings import EMBEDDED_GGUF_SHA256, ModelConfig, embedded_model, embedded_model_path
 
 # Greater than any prompt the tests send; the direct engine's context size does not change its output.
@@ -33,18 +32,12 @@ class DirectEngine:
 
     def __init__(self, llama: Any, config: ModelConfig) -> None:
         self._llama = llama
-        self._tokenizer = load_tokenizer(config)
-        template = load_chat_template(config)
-        assert template is not None
-        self._template = template
-        self._system = config.defaults.system_prompt
+        # The gateway's own runtime builds the prompts (its engine is never started here).
+        self._runtime = build_registry([config]).get(config.name)
 
     def chat_ids(self, user: str) -> list[int]:
         """The prompt the gateway builds for one user message (with the model's default system prompt)."""
-        messages = [Message("user", user)]
-        if self._system is not None:
-            messages.insert(0, Message("system", self._system))
-        return build_jinja_prompt(self._template, messages, self._tokenizer)
+        return self._runtime.chat_prompt_ids([Message("user", user)])
 
     def greedy(self, prompt_ids: Sequence[int], max_tokens: int) -> list[int]:
         """The ids sampled greedily after ``prompt_ids``, the end-of-sequence token left out."""
@@ -60,7 +53,7 @@ class DirectEngine:
         return sampled
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(ids)
+        return self._runtime.tokenizer.decode(ids)
 
 
 def embedded_f16_path(data_dir: Path) -> Path:
