@@ -27,10 +27,11 @@ from backends.base import (
     GenerationRequest,
     SamplingParams,
     TokenDelta,
+    WeightsProgress,
 )
 from backends.config import BackendConfig, WeightsFormat
 from backends.llamacpp.log_routing import route_llama_cpp_logs
-from backends.llamacpp.weights import ConversionError, Progress, ensure_converted, sha256_of
+from backends.llamacpp.weights import ConversionError, ensure_converted, sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class LlamaCppBackend:
         if self._options.compute_format != "stored" and self._weights_dir is None:
             raise BackendUnavailable(f"model {self._config.name!r}: compute_format needs a weights directory")
 
-    def prepare_weights(self, progress: Progress | None = None) -> Path:
+    def prepare_weights(self, progress: WeightsProgress | None = None) -> Path:
         """The GGUF file to load: the configured one, or its conversion (made now if not cached).
 
         Blocking; a first conversion of the embedded model takes a few seconds.

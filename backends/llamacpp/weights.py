@@ -22,13 +22,13 @@ import os
 import struct
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from backends.base import WeightsProgress
 from backends.config import ComputeFormat
 
 if TYPE_CHECKING:
@@ -46,9 +46,6 @@ _LEADING_FIELDS = 3
 # The writer announces each file it writes at INFO; the conversion logs one line of its own.
 logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
 _CHUNK = 1 << 20
-
-Progress = Callable[[int, int], None]
-"""Called with (bytes of source tensors done, bytes in all) as the conversion goes."""
 
 
 class ConversionError(Exception):
@@ -149,7 +146,7 @@ def ensure_converted(
     cache_dir: Path,
     *,
     expected_sha256: str | None = None,
-    progress: Progress | None = None,
+    progress: WeightsProgress | None = None,
 ) -> ConvertedWeights:
     """The cached conversion of ``source`` to ``fmt``, converting first when there is none.
 
@@ -183,7 +180,7 @@ def ensure_converted(
 
 
 def _convert_atomically(
-    source: Path, target: Path, fmt: ComputeFormat, source_sha256: str, progress: Progress | None
+    source: Path, target: Path, fmt: ComputeFormat, source_sha256: str, progress: WeightsProgress | None
 ) -> None:
     # A temporary file beside the target, renamed over it only once complete and on disk: a crash
     # leaves at most a stray temporary file (never read), and concurrent starts both succeed.
@@ -208,7 +205,9 @@ _TARGET_TYPES = {"f16": "F16", "bf16": "BF16", "f32": "F32", "q8_0": "Q8_0"}
 _FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "f32": "ALL_F32", "q8_0": "MOSTLY_Q8_0"}
 
 
-def _convert(source: Path, target: Path, fmt: ComputeFormat, source_sha256: str, progress: Progress | None) -> None:
+def _convert(
+    source: Path, target: Path, fmt: ComputeFormat, source_sha256: str, progress: WeightsProgress | None
+) -> None:
     import gguf
 
     try:

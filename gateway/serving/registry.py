@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.base import Backend, Preflight, PreparesWeights
+from backends.base import Backend, Preflight, PreparesWeights, WeightsProgress
 from backends.config import BackendConfig
 from backends.factory import create_backend
 from gateway.errors import model_not_found
@@ -120,12 +120,12 @@ def build_registry(
     return ModelRegistry(runtimes)
 
 
-WeightsProgress = Callable[[str], Callable[[int, int], None]]
+WeightsProgressFactory = Callable[[str], WeightsProgress]
 """Given a model's name, a callback for (bytes done, bytes in all) while its weights are converted."""
 
 
 def preflight(
-    configs: Sequence[ModelConfig], weights_dir: Path | None = None, progress: WeightsProgress | None = None
+    configs: Sequence[ModelConfig], weights_dir: Path | None = None, progress: WeightsProgressFactory | None = None
 ) -> None:
     """Check every model can be served here, so ``serve`` refuses to start with one clear sentence,
     and make the weights files that backends convert (once; later starts find them)."""
