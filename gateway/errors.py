@@ -37,6 +37,15 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+MAX_ECHO_CHARS = 128
+"""How much of a client's value an error message repeats: enough to recognise, never a large echo."""
+
+
+def echo(value: str) -> str:
+    """``value`` as an error message quotes it, cut to ``MAX_ECHO_CHARS``."""
+    return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + "…"
+
+
 def invalid_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param=param, code=code)
 
@@ -44,7 +53,7 @@ def invalid_request(message: str, param: str | None = None, code: str | None = N
 def model_not_found(model: str) -> ApiError:
     return ApiError(
         404,
-        f"The model `{model}` does not exist or you do not have access to it.",
+        f"The model `{echo(model)}` does not exist or you do not have access to it.",
         param="model",
         code="model_not_found",
     )

@@ -27,6 +27,7 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 TemplateKind = Literal["llama-2", "jinja"]
+DEFAULT_MAX_TOKENS = 1024
 
 
 class ConfigError(Exception):
@@ -44,7 +45,9 @@ class RequestDefaults(msgspec.Struct, forbid_unknown_fields=True):
     """Values used when a request leaves them out (as hosted Llama-2-chat APIs do)."""
 
     system_prompt: str | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    """For a request that sends none; ``null`` lets such a request run to the end of the context.
+    A cap by default, so that one request cannot hold a slot for minutes unasked."""
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -191,6 +194,8 @@ def _check(settings: Settings) -> None:
             if name in seen:
                 raise ConfigError(f"model name {name!r} is declared twice")
             seen.add(name)
+        if model.defaults.max_tokens is not None and model.defaults.max_tokens < 1:
+            raise ConfigError(f"model {model.name!r}: defaults.max_tokens must be >= 1, or null for no cap")
         if model.max_concurrency < 1 or model.max_queue < 0:
             raise ConfigError(f"model {model.name!r}: max_concurrency must be >= 1 and max_queue >= 0")
         if model.backend in ("llamacpp", "exllamav2") and not model.path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from decimal import Decimal
 
 from gateway.accounting.limits import Admission
 from gateway.accounting.metering import AdmissionRequest, FinishOnce, Ticket
@@ -26,11 +25,10 @@ class UsageTicket(FinishOnce):
         return self._hold.headers
 
     async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
-        if not generation.reached_backend:
-            # Refused or abandoned before any engine work (queue, early disconnect): no usage.
-            await self._hold.settle(0, Decimal(0))
-            return
         request = self._request
+        # Every admitted request gets its row. One that never reached the engine (its client left
+        # while it waited for a slot) processed nothing: it is recorded with no tokens, at no cost.
+        reached = generation.reached_backend
         ttft = generation.ttft_ms()
         reasons = sorted(set(generation.finish_reasons.values()))
         entry = UsageEntry(
@@ -38,7 +36,7 @@ class UsageTicket(FinishOnce):
             key_id=request.key.id,
             model=request.model,
             endpoint=request.endpoint,
-            prompt_tokens=generation.prompt_tokens,
+            prompt_tokens=generation.prompt_tokens if reached else 0,
             completion_tokens=generation.completion_tokens,
             input_price_per_million=request.pricing.input_per_million,
             output_price_per_million=request.pricing.output_per_million,

@@ -16,9 +16,9 @@ from litestar import Request, Router, delete, get, patch, post
 
 from gateway.accounting.keys import ApiKeyInfo, InvalidKeyFields, KeyNotFound, KeyStore, KeyUpdate, NewKey, key_fields
 from gateway.api.auth import ADMIN
-from gateway.api.openai.request_bodies import decode_body
+from gateway.api.json_bodies import check_depth, decode_body, json_bytes
 from gateway.api.usage_reports import run_report, usage_query
-from gateway.errors import ApiError, invalid_request
+from gateway.errors import ApiError, echo, invalid_request
 from gateway.state import gateway_state
 
 AnyRequest = Request[Any, Any, Any]
@@ -36,21 +36,28 @@ def _store(request: AnyRequest) -> KeyStore:
     return gateway_state(request).accounting.keys
 
 
-def _decode_fields[T: (NewKey, KeyUpdate)](body: bytes, schema: type[T]) -> T:
+async def _decode_fields[T: (NewKey, KeyUpdate)](request: AnyRequest, schema: type[T]) -> T:
+    body = await json_bytes(request)
     try:
-        return msgspec.json.decode(body, type=schema)
-    except msgspec.DecodeError as exc:
+        fields = msgspec.json.decode(body, type=schema)
+    except msgspec.ValidationError as exc:
         text = str(exc)
-        if isinstance(exc, msgspec.ValidationError) and text.startswith("Object contains unknown field"):
+        if text.startswith("Object contains unknown field"):
             field = text.split("`")[1]
             raise invalid_request(
                 f"Unrecognized request argument supplied: {field}.", param=field, code="unknown_parameter"
             ) from None
-    # Every other failure gets the same 400 (naming the field) as the OpenAI routes give.
-    return decode_body(body, schema)
+        # Every other failure gets the same 400 (naming the field) as the OpenAI routes give.
+        fields = decode_body(body, schema)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        fields = decode_body(body, schema)
+    if isinstance(fields.metadata, dict):
+        check_depth(fields.metadata, "metadata")
+    return fields
 
 
 def _not_found(message: str) -> ApiError:
+    message = echo(message)  # it quotes the id from the path, which may be long
     return ApiError(404, f"{message[:1].upper()}{message[1:]}.", param="key_id", code="key_not_found")
 
 
@@ -69,7 +76,7 @@ async def _key_call[T](call: Awaitable[T]) -> T:
 
 @post("/keys", status_code=201)
 async def create_key(request: AnyRequest) -> dict[str, Any]:
-    new = _decode_fields(await request.body(), NewKey)
+    new = await _decode_fields(request, NewKey)
     info, plaintext = await _key_call(_store(request).create(new))
     return {**key_json(info), "key": plaintext}
 
@@ -97,7 +104,7 @@ async def get_key(request: AnyRequest, key_id: str) -> dict[str, Any]:
 
 @patch("/keys/{key_id:str}")
 async def update_key(request: AnyRequest, key_id: str) -> dict[str, Any]:
-    update = _decode_fields(await request.body(), KeyUpdate)
+    update = await _decode_fields(request, KeyUpdate)
     info = await _key_call(_store(request).update(key_id, update))
     return key_json(info)
 

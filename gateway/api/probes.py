@@ -46,4 +46,5 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
 @get("/metrics", opt={PUBLIC: True, PROBE: True})
 async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
     body, content_type = await observability(request).scrape(request.headers.get("accept"))
-    return Response(body, media_type=content_type)
+    # The exposition's type names its charset already; Litestar would append a second one to text/*.
+    return Response(body, media_type=content_type, headers={"content-type": content_type})

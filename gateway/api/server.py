@@ -9,6 +9,7 @@ from types import FrameType
 import uvicorn
 from litestar import Litestar
 
+from gateway.api.http_protocol import JsonErrorHttpToolsProtocol
 from gateway.observability.drain import AFTER_DRAIN_GRACE_SECONDS
 from gateway.observability.logs import configure_logging
 from gateway.observability.metrics import multiprocess_directory
@@ -40,6 +41,7 @@ def run(settings: Settings, *, workers: int = 1, config_path: str | None = None)
         "timeout_graceful_shutdown": AFTER_DRAIN_GRACE_SECONDS,
         "access_log": False,
         "log_config": None,  # uvicorn's loggers propagate to the gateway's handler
+        "http": JsonErrorHttpToolsProtocol,
     }
     signal.signal(signal.SIGTERM, _exit_cleanly)
     with multiprocess_directory(workers):

@@ -51,6 +51,9 @@ def _moment(text: str, param: str) -> datetime:
             parsed = datetime.fromisoformat(value)
         except ValueError:
             parsed = datetime.combine(date.fromisoformat(value), time())
+        if parsed.tzinfo is not None:
+            # Years 1 and 9999 with an offset fall outside what datetime holds once in UTC.
+            parsed = parsed.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         raise invalid_request(
             f"'{text}' is not a valid '{param}': give an ISO date (2025-01-31), an ISO date-time or Unix seconds.",
@@ -74,6 +77,10 @@ def usage_query(request: AnyRequest, *, default_group: GroupBy) -> UsageQuery:
     until = _moment(raw, "until") if (raw := params.get("until")) else None
     if since is not None and until is not None and since > until:
         raise invalid_request("'since' must not be later than 'until'.", param="since", code="invalid_value")
+    for name in ("key", "model"):
+        if "\x00" in (params.get(name) or ""):
+            # No key id or model name holds one, and PostgreSQL refuses it in a text parameter (a 500).
+            raise invalid_request(f"'{name}' must not contain a NUL character.", param=name, code="invalid_value")
     return UsageQuery(cast(GroupBy, group), params.get("key") or None, params.get("model") or None, since, until)
 
 

@@ -119,7 +119,12 @@ def moment(text: str) -> datetime:
         parsed = datetime.fromisoformat(text)
     except ValueError:
         parsed = datetime.combine(date.fromisoformat(text), time())
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
 
 
 LIMIT = Clearable(positive_int, "limit (a whole number >= 1, or 'none')")

@@ -1,4 +1,4 @@
-"""Tables: API keys and one usage row per request that reached a backend.
+"""Tables: API keys and one usage row per admitted request.
 
 Keys are never deleted, only revoked, so every usage row keeps a valid ``key_id``. A usage row
 keeps the prices it was charged at: changing a model's price later does not rewrite history.

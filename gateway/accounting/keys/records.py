@@ -24,9 +24,15 @@ Scope = Literal["admin", "user"]
 BudgetPeriod = Literal["total", "daily", "monthly"]
 
 _PRESET_KEY = re.compile(r"sk-[A-Za-z0-9_\-]{16,200}")
+# Bounds are the columns' (String(200), 32-bit INTEGER on PostgreSQL), so that a value the API
+# accepts is one the database stores instead of failing the insert.
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-_Limit = Annotated[int, msgspec.Meta(ge=1)]
+_Owner = Annotated[str, msgspec.Meta(max_length=200)]
+_Limit = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 _AwareTime = Annotated[datetime, msgspec.Meta(tz=True)]
+_Models = Annotated[list[Annotated[str, msgspec.Meta(min_length=1, max_length=200)]], msgspec.Meta(max_length=1000)]
+MAX_BUDGET_USD = Decimal(100_000_000)
+"""Far above any real budget, and within what the money columns hold on SQLite and PostgreSQL."""
 
 
 class InvalidKeyFields(ValueError):
@@ -100,10 +106,10 @@ class NewKey(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """The fields of a key to create (also the body of ``POST /admin/keys``)."""
 
     name: _Name
-    owner: str | None = None
+    owner: _Owner | None = None
     metadata: dict[str, Any] = msgspec.field(default_factory=dict)
     scope: Scope = "user"
-    allowed_models: list[str] | None = None
+    allowed_models: _Models | None = None
     rpm: _Limit | None = None
     tpm: _Limit | None = None
     max_concurrency: _Limit | None = None
@@ -116,10 +122,10 @@ class KeyUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_d
     """Fields to change; a field left UNSET keeps its value, ``None`` clears a limit."""
 
     name: _Name | msgspec.UnsetType = msgspec.UNSET
-    owner: str | msgspec.UnsetType | None = msgspec.UNSET
+    owner: _Owner | msgspec.UnsetType | None = msgspec.UNSET
     metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
     scope: Scope | msgspec.UnsetType = msgspec.UNSET
-    allowed_models: list[str] | msgspec.UnsetType | None = msgspec.UNSET
+    allowed_models: _Models | msgspec.UnsetType | None = msgspec.UNSET
     rpm: _Limit | msgspec.UnsetType | None = msgspec.UNSET
     tpm: _Limit | msgspec.UnsetType | None = msgspec.UNSET
     max_concurrency: _Limit | msgspec.UnsetType | None = msgspec.UNSET
@@ -141,10 +147,20 @@ def validated[T: (NewKey, KeyUpdate)](fields: T) -> T:
         raise InvalidKeyFields(str(exc)) from exc
     budget = getattr(checked, "budget_usd", None)
     if isinstance(budget, Decimal):
-        if not budget.is_finite() or budget < 0 or budget != budget.quantize(MONEY_QUANTUM):
-            raise InvalidKeyFields("budget_usd must be a non-negative amount with at most 10 decimal places")
+        # Checked in this order: quantizing an out-of-range amount raises instead of answering.
+        if not budget.is_finite() or not 0 <= budget <= MAX_BUDGET_USD or budget != budget.quantize(MONEY_QUANTUM):
+            raise InvalidKeyFields(
+                f"budget_usd must be an amount from 0 to {MAX_BUDGET_USD} with at most 10 decimal places"
+            )
         # Stored with ten places; the snapshot returned now should read as the one loaded later.
         checked.budget_usd = budget.quantize(MONEY_QUANTUM)
+    expires_at = getattr(checked, "expires_at", None)
+    if isinstance(expires_at, datetime):
+        try:
+            # Stored in UTC: a time whose UTC form falls outside years 1-9999 cannot be stored.
+            checked.expires_at = expires_at.astimezone(UTC)
+        except OverflowError:
+            raise InvalidKeyFields("expires_at is out of range once converted to UTC") from None
     return checked
 
 

@@ -6,34 +6,43 @@ value is a 400 whose ``param`` names the field. ``null`` is the same as leaving 
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
 
-from gateway.errors import ApiError, invalid_request
+from gateway.errors import ApiError, echo, invalid_request
 
 MAX_CHOICES = 16
 MAX_STOP_SEQUENCES = 4
+MAX_MESSAGES = 2048
+"""OpenAI's own limit on ``messages``; also what keeps prompt building's cost bounded."""
+MAX_NAME_CHARS = 256
+"""Model names, message names and ``user`` (the usage column holds 256 characters)."""
+MAX_STOP_CHARS = 1024
+MAX_LOGIT_BIAS = 1024
+MAX_INT32 = 2**31 - 1
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
 Penalty = Annotated[float, Meta(ge=-2, le=2)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+Name = Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
+StopText = Annotated[str, Meta(max_length=MAX_STOP_CHARS)]
+LogitBias = Annotated[dict[str, Annotated[float, Meta(ge=-100, le=100)]], Meta(max_length=MAX_LOGIT_BIAS)]
 Choices = Annotated[int, Meta(ge=1, le=MAX_CHOICES)]
 Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class ContentPart(msgspec.Struct):
-    type: str
+    type: Name
     text: str | None = None
 
 
 class ChatMessageIn(msgspec.Struct):
-    role: str
+    role: Name
     content: str | list[ContentPart] | None = None
-    name: str | None = None
+    name: Name | None = None
     tool_calls: list[Any] | None = None
 
 
@@ -42,33 +51,33 @@ class StreamOptions(msgspec.Struct):
 
 
 class ResponseFormat(msgspec.Struct):
-    type: str
+    type: Name
 
 
 class SamplingFields(msgspec.Struct):
     """Fields shared by chat and legacy completions, including vLLM's extra sampling fields."""
 
-    model: str
+    model: Annotated[str, Meta(max_length=MAX_NAME_CHARS)]
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
     n: Choices | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | list[StopText] | None = None
     seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Meta(ge=-100, le=100)]] | None = None
-    user: str | None = None
+    logit_bias: LogitBias | None = None
+    user: Name | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    top_k: Annotated[int, Meta(ge=-1, le=MAX_INT32)] | None = None
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, Meta(gt=0, le=5)] | None = None
-    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0, le=MAX_INT32)] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessageIn] = msgspec.field(default_factory=list)
+    messages: Annotated[list[ChatMessageIn], Meta(max_length=MAX_MESSAGES)] = msgspec.field(default_factory=list)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -85,38 +94,6 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
     best_of: int | None = None
     logprobs: int | None = None
-
-
-_PATH = re.compile(r"at `\$((?:\.[A-Za-z_][\w]*|\[\d+\]|\[\.\.\.\])+)`")
-
-
-def _param_from_path(message: str) -> str | None:
-    match = _PATH.search(message)
-    if match is None:
-        return None
-    # OpenAI spells nested params "messages.[0].content"; msgspec writes a map's key as "[...]".
-    path = match.group(1).split("[...]")[0]
-    return path.replace("[", ".[").lstrip(".") or None
-
-
-def decode_body[T](body: bytes, schema: type[T]) -> T:
-    """Decode a JSON body, turning every decoding or validation failure into a 400."""
-    if not body.strip():
-        raise invalid_request("The request body is empty; expected a JSON object.")
-    try:
-        return msgspec.json.decode(body, type=schema)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        param = _param_from_path(text)
-        if text.startswith("Object missing required field"):
-            field = text.split("`")[1]
-            field = f"{param}.{field}" if param else field
-            raise invalid_request(f"Missing required parameter: '{field}'.", param=field) from exc
-        raise invalid_request(f"Invalid request: {text}", param=param, code="invalid_value") from exc
-    except msgspec.DecodeError as exc:
-        raise invalid_request(
-            f"We could not parse the JSON body of your request ({exc}). The body must be a JSON object."
-        ) from exc
 
 
 def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -136,7 +113,9 @@ def logit_bias_ids(bias: dict[str, float] | None, vocab_size: int | None) -> dic
         try:
             token = int(key)
         except ValueError:
-            raise invalid_request(f"logit_bias keys must be token ids; got {key!r}.", param="logit_bias") from None
+            raise invalid_request(
+                f"logit_bias keys must be token ids; got {echo(key)!r}.", param="logit_bias"
+            ) from None
         if token < 0 or (vocab_size is not None and token >= vocab_size):
             raise invalid_request(f"logit_bias token id {token} is out of range.", param="logit_bias")
         parsed[token] = value

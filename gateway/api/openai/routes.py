@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from litestar import Request, Response, get, post
-from litestar.response import Stream
 
 from backends.base import BackendError
 from gateway.accounting.metering import Ticket, UsageStatus, usage_status
 from gateway.api.admission import admit
 from gateway.api.auth import current_key
+from gateway.api.heavy_work import sized_work
+from gateway.api.json_bodies import decode_body, json_bytes
 from gateway.api.openai.request_bodies import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
-    decode_body,
     stop_sequences,
 )
 from gateway.api.openai.response_bodies import ChunkWriter, chat_body, error_event, text_body
@@ -30,6 +28,7 @@ from gateway.api.openai.translation import (
     reject_unsupported_completion,
     sampling_params,
 )
+from gateway.api.settled_stream import SettledStream
 from gateway.errors import ApiError, model_not_found
 from gateway.serving.generation import Generation
 from gateway.state import GatewayState, gateway_state, request_id
@@ -53,22 +52,24 @@ def _in_background(work: Awaitable[None]) -> None:
 
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: AnyRequest) -> Response[Any]:
-    body = decode_body(await request.body(), ChatCompletionRequest)
+    raw = await json_bytes(request)
+    body = decode_body(raw, ChatCompletionRequest)
     reject_unsupported_chat(body)
     state = gateway_state(request)
     runtime = state.models.get(body.model)
-    prompt_ids = chat_prompt_ids(body, runtime)
+    prompt_ids = await sized_work(len(raw), chat_prompt_ids, body, runtime)
     max_tokens = body.max_completion_tokens or body.max_tokens
     return await _respond(request, state, body, "chat", prompt_ids, max_tokens)
 
 
 @post("/v1/completions", status_code=200)
 async def completions(request: AnyRequest) -> Response[Any]:
-    body = decode_body(await request.body(), CompletionRequest)
+    raw = await json_bytes(request)
+    body = decode_body(raw, CompletionRequest)
     reject_unsupported_completion(body)
     state = gateway_state(request)
     runtime = state.models.get(body.model)
-    prompt_ids = completion_prompt_ids(body, runtime)
+    prompt_ids = await sized_work(len(raw), completion_prompt_ids, body, runtime)
     # The legacy endpoint's max_tokens defaults to 16, as OpenAI's does.
     return await _respond(request, state, body, "text", prompt_ids, body.max_tokens or 16)
 
@@ -111,11 +112,10 @@ async def _respond(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
-        body_stream = _stream(generation, ticket, writer)
-        # A client that leaves before the body starts never runs the stream's own clean-up.
-        weakref.finalize(body_stream, _abandon, asyncio.get_running_loop(), generation, ticket)
-        return Stream(
-            body_stream,
+        return SettledStream(
+            _stream(generation, ticket, writer),
+            # A client that leaves before the body starts never runs the stream's own clean-up.
+            on_close=lambda: _abandon(generation, ticket),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **ticket.headers},
         )
@@ -192,19 +192,10 @@ async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -
             _in_background(ticket.finish(generation, "cancelled"))
 
 
-def _abandon(loop: asyncio.AbstractEventLoop, generation: Generation, ticket: Ticket) -> None:
-    """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished).
-
-    Runs when the stream is collected, which may happen on any thread: the work goes to the
-    loop that served the request.
-    """
-
-    def settle() -> None:
-        generation.release_unused_slots()
-        _in_background(ticket.finish(generation, "cancelled"))
-
-    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the app is gone
-        loop.call_soon_threadsafe(settle)
+def _abandon(generation: Generation, ticket: Ticket) -> None:
+    """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished)."""
+    generation.release_unused_slots()
+    _in_background(ticket.finish(generation, "cancelled"))
 
 
 @get("/v1/models")

@@ -23,6 +23,8 @@ from litestar.response import Stream
 
 from gateway.api.admission import admit
 from gateway.api.auth import current_key
+from gateway.api.heavy_work import sized_work
+from gateway.api.json_bodies import check_depth, json_bytes
 from gateway.api.replicate import predictions
 from gateway.api.replicate.inputs import parse_input
 from gateway.api.replicate.predictions import Prediction
@@ -31,7 +33,7 @@ from gateway.api.replicate.prompt import prompt_ids
 from gateway.api.replicate.runner import PredictionService, prediction_service
 from gateway.api.replicate.stream import prediction_events, resume_index
 from gateway.api.replicate.versions import model_json, version_id, version_json
-from gateway.errors import ApiError
+from gateway.errors import ApiError, echo
 from gateway.serving.generation import Generation
 from gateway.serving.registry import ModelRuntime
 from gateway.state import gateway_state, request_id
@@ -64,13 +66,14 @@ def prefer_wait(header: str | None) -> int | None:
 
 
 async def _json_body(request: AnyRequest) -> dict[str, Any]:
-    raw = await request.body()
+    raw = await json_bytes(request)
     try:
         body = msgspec.json.decode(raw) if raw.strip() else None
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         body = None
     if not isinstance(body, dict):
-        raise Problem(400, "The request body must be a JSON object.")
+        raise Problem(400, "The request body must be a JSON object in UTF-8.")
+    check_depth(body, "body")
     return body
 
 
@@ -107,7 +110,8 @@ async def _create(
     wait = prefer_wait(request.headers.get("prefer"))
     _reject_unsupported(body)
     inputs = parse_input(body["input"])
-    ids = prompt_ids(inputs, runtime)
+    text_size = len(inputs.prompt) + len(inputs.system_prompt or "") + len(inputs.prompt_template or "")
+    ids = await sized_work(text_size, prompt_ids, inputs, runtime)
     room = runtime.usable_context_length - len(ids)
     if room <= 0:
         raise invalid(
@@ -147,7 +151,7 @@ def _model(request: AnyRequest, owner: str, name: str) -> ModelRuntime:
     ref = f"{owner}/{name}"
     runtime = _lookup(request, (ref, name))
     if runtime is None:
-        raise Problem(404, f"The model {ref} does not exist, or you do not have access to it.")
+        raise Problem(404, f"The model {echo(ref)} does not exist, or you do not have access to it.")
     return runtime
 
 
@@ -174,7 +178,7 @@ async def get_version(request: AnyRequest, owner: str, name: str, version: str) 
     """Any name or alias of the model is one of its versions (a pinned hash is configured as an alias)."""
     runtime = _model(request, owner, name)
     if _lookup(request, (version,)) is not runtime:
-        raise Problem(404, f"The version {version} of {owner}/{name} does not exist.")
+        raise Problem(404, f"The version {echo(version)} of {echo(f'{owner}/{name}')} does not exist.")
     return version_json(version)
 
 
@@ -188,7 +192,7 @@ async def create_prediction(request: AnyRequest) -> Response[Any]:
     refs = [version, *((pinned, base) if pinned else ()), base.rpartition("/")[2]]
     runtime = _lookup(request, refs)
     if runtime is None:
-        raise Problem(404, f"The version {version} does not exist, or you do not have access to it.")
+        raise Problem(404, f"The version {echo(version)} does not exist, or you do not have access to it.")
     # The prediction shows the model as asked for (owner/name) and the version the client pinned, if any.
     model = base if "/" in base else _model_ref(runtime)
     shown_version = pinned or (version_id(runtime) if "/" in base else version)

@@ -109,14 +109,19 @@ def _render_with_content_spans(
     real = render_chat_template(template, messages, bos_token=bos, eos_token=eos)
     pieces = re.split("(\ue000\\d+\ue001)", marked)
     contents = {mark: m.content for mark, m in zip(markers, messages, strict=True)}
-    text, spans = "", []
+    parts: list[str] = []
+    spans: list[tuple[int, int]] = []
+    length = 0
     for index, piece in enumerate(pieces):
         content = contents.get(piece) if index % 2 else None
         if content is None:
-            text += piece
+            parts.append(piece)
+            length += len(piece)
         else:
-            spans.append((len(text), len(text) + len(content)))
-            text += content
+            spans.append((length, length + len(content)))
+            parts.append(content)
+            length += len(content)
+    text = "".join(parts)
     # Put back, the contents must give exactly what the template renders from them.
     return (text, spans) if text == real else (real, [])
 
@@ -137,8 +142,14 @@ def build_jinja_prompt(template: str, messages: Sequence[Message], tokenizer: To
     special = re.compile("|".join(re.escape(t) for t in tokenizer.special_texts))
     ids: list[int] = []
     start = 0
+    # Spans come in text order and matches too: one walk over both keeps this linear in the
+    # message count (a check against every span per match made 10,000 messages take seconds).
+    span_ends = iter(spans)
+    span = next(span_ends, None)
     for match in special.finditer(text):
-        if any(a <= match.start() < b for a, b in spans):
+        while span is not None and span[1] <= match.start():
+            span = next(span_ends, None)
+        if span is not None and span[0] <= match.start():
             continue  # inside a message: plain text
         if match.start() > start:
             ids.extend(tokenizer.encode(text[start : match.start()]))

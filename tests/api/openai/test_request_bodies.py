@@ -5,11 +5,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from gateway.api.json_bodies import decode_body
 from gateway.api.openai.request_bodies import (
     MAX_CHOICES,
     ChatCompletionRequest,
     CompletionRequest,
-    decode_body,
     logit_bias_ids,
     stop_sequences,
 )
