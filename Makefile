@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A native llama.cpp build picks CPU kernels (AMX) that crash on some hosts; portable kernels are safe.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test lint typecheck bench bench-formats
+.PHONY: install serve test lint typecheck bench bench-formats bench-faults
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,6 @@ bench: $(STAMP)
 
 bench-formats: $(STAMP)
 	$(BIN)/python -m bench.compute_formats
+
+bench-faults: $(STAMP)
+	$(BIN)/python -m bench.faults $(ARGS)

@@ -10,9 +10,11 @@ from functools import partial
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from gateway.accounting.fail_closed import failing_closed
 from gateway.accounting.keys import KeyStore, NewKey
 from gateway.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
 from gateway.accounting.usage import UsageRecorder, spend_since
+from gateway.accounting.usage.spool import UsageSpool, spool_directory
 from gateway.db import ensure_database_current, is_sqlite, make_engine, make_sessionmaker, upgrade_database
 from gateway.settings import Settings
 
@@ -55,11 +57,13 @@ async def open_database(url: str) -> tuple[AsyncEngine, async_sessionmaker[Async
 
 async def open_accounting(settings: Settings) -> Accounting:
     engine, sessionmaker = await open_database(settings.database_url)
-    spend_loader = partial(spend_since, sessionmaker)
+    # A budget's spend is read from the usage table at a key's first admission in a period.
+    spend_loader = failing_closed(partial(spend_since, sessionmaker), "loading a key's spend")
     limiter: Limiter = (
         RedisLimiter.from_url(settings.redis_url, spend_loader) if settings.redis_url else MemoryLimiter(spend_loader)
     )
-    usage = UsageRecorder(sessionmaker, flush_interval_s=settings.usage_flush_interval_ms / 1000)
+    spool = UsageSpool(spool_directory(settings.data_path(), settings.database_url))
+    usage = UsageRecorder(sessionmaker, flush_interval_s=settings.usage_flush_interval_ms / 1000, spool=spool)
     usage.start()
     return Accounting(
         engine=engine,

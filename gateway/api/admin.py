@@ -86,7 +86,7 @@ async def list_keys(request: AnyRequest) -> dict[str, Any]:
     flag = (request.query_params.get("include_revoked") or "").strip().lower()
     if flag not in _TRUE + _FALSE:
         raise invalid_request(
-            f"'{flag}' is not a valid 'include_revoked': use true or false.",
+            f"'{echo(flag)}' is not a valid 'include_revoked': use true or false.",
             param="include_revoked",
             code="invalid_value",
         )

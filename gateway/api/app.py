@@ -12,13 +12,17 @@ from litestar.exceptions import HTTPException, ValidationException
 
 from backends.base import Backend
 from gateway.accounting.billing import AccountingMetering
+from gateway.accounting.fail_closed import database_unavailable, is_database_outage
 from gateway.accounting.metering import Metering
 from gateway.accounting.services import ensure_initial_admin_key, initial_key_notice, open_accounting
 from gateway.api.admin import ADMIN_ROUTES
+from gateway.api.allow_header import complete_allow_header
 from gateway.api.auth import require_api_key
+from gateway.api.client_gone import CLIENT_CLOSED_REQUEST, left_before_body
 from gateway.api.openai.routes import OPENAI_ROUTES
+from gateway.api.openapi import openapi_config
 from gateway.api.probes import health, metrics, ready
-from gateway.api.replicate.routes import REPLICATE_ROUTES
+from gateway.api.replicate.routes import REPLICATE_ROUTES, is_replicate_path, problem_http_error_response
 from gateway.api.replicate.runner import close_predictions
 from gateway.api.request_ids import RequestIdMiddleware, add_request_id_header
 from gateway.api.usage_reports import own_usage
@@ -45,9 +49,15 @@ def _openai_api_error_response(_: AnyRequest, exc: ApiError) -> Response[Any]:
     return Response(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
-def _openai_http_error_response(_: AnyRequest, exc: HTTPException) -> Response[Any]:
+def _openai_http_error_response(request: AnyRequest, exc: HTTPException) -> Response[Any]:
+    if is_replicate_path(request.url.path):
+        # A wrong method or an unknown path under a Replicate route is refused before routing.
+        return problem_http_error_response(request, exc)
     status = exc.status_code
-    if isinstance(exc, ValidationException) or status == 400:
+    if left_before_body(exc):
+        status = CLIENT_CLOSED_REQUEST
+        error = ApiError(status, "The client closed the connection before sending its request.")
+    elif isinstance(exc, ValidationException) or status == 400:
         error = ApiError(400, str(exc.detail), code="invalid_value")
     elif status >= 500:
         error = ApiError(status, str(exc.detail), type="server_error")
@@ -61,6 +71,11 @@ def _openai_http_error_response(_: AnyRequest, exc: HTTPException) -> Response[A
 
 
 def _openai_unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
+    if is_database_outage(exc):
+        # Admin and usage routes read the database directly: its absence is a 503, not a bug.
+        request.logger.warning("database unavailable: %s", type(exc).__name__)
+        error = database_unavailable()
+        return Response(error.body(), status_code=error.status, headers=error.headers)
     request.logger.exception("unhandled error", exc_info=exc)
     error = ApiError(500, "The server had an error while processing your request.", type="server_error")
     return Response(error.body(), status_code=500)
@@ -106,7 +121,7 @@ def create_app(
     return Litestar(
         route_handlers=[health, ready, metrics, *OPENAI_ROUTES, REPLICATE_ROUTES, ADMIN_ROUTES, own_usage],
         middleware=[RequestIdMiddleware, *observability.middleware],
-        before_send=[add_request_id_header],
+        before_send=[add_request_id_header, complete_allow_header],
         guards=[require_api_key],
         exception_handlers={
             ApiError: _openai_api_error_response,
@@ -116,6 +131,6 @@ def create_app(
         lifespan=[lifespan, observability.lifespan],
         state=State({STATE_KEY: state, OBSERVABILITY_KEY: observability}),
         request_max_body_size=settings.max_body_bytes,
-        openapi_config=None,
+        openapi_config=openapi_config(),
         logging_config=litestar_logging_config(),
     )

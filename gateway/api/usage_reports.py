@@ -18,7 +18,7 @@ from litestar import Request, get
 
 from gateway.accounting.usage import GroupBy, UsageReport, UsageTotals, usage_report
 from gateway.api.auth import current_key
-from gateway.errors import ApiError, invalid_request
+from gateway.errors import ApiError, echo, invalid_request
 from gateway.state import gateway_state
 
 AnyRequest = Request[Any, Any, Any]
@@ -56,7 +56,8 @@ def _moment(text: str, param: str) -> datetime:
             parsed = parsed.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         raise invalid_request(
-            f"'{text}' is not a valid '{param}': give an ISO date (2025-01-31), an ISO date-time or Unix seconds.",
+            f"'{echo(text)}' is not a valid '{param}': give an ISO date (2025-01-31), an ISO date-time"
+            " or Unix seconds.",
             param=param,
             code="invalid_value",
         ) from None
@@ -69,7 +70,7 @@ def usage_query(request: AnyRequest, *, default_group: GroupBy) -> UsageQuery:
     group: str = params.get("group_by") or default_group
     if group not in GROUPINGS:
         raise invalid_request(
-            f"'{group}' is not a valid 'group_by': use one of {', '.join(GROUPINGS)}.",
+            f"'{echo(group)}' is not a valid 'group_by': use one of {', '.join(GROUPINGS)}.",
             param="group_by",
             code="invalid_value",
         )

@@ -67,6 +67,9 @@ def is_sqlite(url: str) -> bool:
 
 def make_engine(url: str, **options: Any) -> AsyncEngine:
     url = async_url(url)
+    # Statement parameters hold key hashes and callers' values: a database error, and so a log
+    # line, must not repeat them.
+    options.setdefault("hide_parameters", True)
     if is_sqlite(url):
         engine = create_async_engine(url, **options)
         event.listen(engine.sync_engine, "connect", _configure_sqlite)

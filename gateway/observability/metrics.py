@@ -120,6 +120,22 @@ class GatewayMetrics:
             "Usage rows given up on after retries: requests whose usage is missing.",
             registry=r,
         )
+        self.usage_spooled = Counter(
+            "llama_gateway_usage_rows_spooled",
+            "Usage rows written to the local spool because the database was out of reach.",
+            registry=r,
+        )
+        self.usage_replayed = Counter(
+            "llama_gateway_usage_rows_replayed",
+            "Spooled usage rows committed to the database once it answered again.",
+            registry=r,
+        )
+        self.usage_spool_bytes = Gauge(
+            "llama_gateway_usage_spool_bytes",
+            "Size of the local usage spool (every worker's): rows waiting for the database.",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.database_up = Gauge(
             "llama_gateway_database_up",
             "1 when the database answered the latest check.",

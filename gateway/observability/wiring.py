@@ -100,6 +100,9 @@ class Observability:
         metrics.usage_backlog.set(recorder.backlog)
         metrics.copy_total(metrics.usage_failures, "usage_failures", recorder.failures)
         metrics.copy_total(metrics.usage_rejected, "usage_rejected", recorder.rejected)
+        metrics.copy_total(metrics.usage_spooled, "usage_spooled", recorder.spooled)
+        metrics.copy_total(metrics.usage_replayed, "usage_replayed", recorder.replayed)
+        metrics.usage_spool_bytes.set(recorder.spool_bytes)
 
     async def check_database(self) -> str | None:
         """None when the database is reachable, else why not; updates ``database_up``."""

@@ -97,7 +97,7 @@ def test_invalid_utf8_prediction_is_a_problem(root: httpx.Client) -> None:
     ],
 )
 def test_deep_nesting_is_a_400(root: httpx.Client, path: str, body: str) -> None:
-    openai_error(root.post(path, content=(body % DEEP).encode(), headers=JSON))
+    openai_error(root.post(path, content=body.replace("%s", DEEP).encode(), headers=JSON))
 
 
 def test_metadata_nesting_is_bounded_below_the_decoders_limit(root: httpx.Client) -> None:
@@ -111,7 +111,7 @@ def test_metadata_nesting_is_bounded_below_the_decoders_limit(root: httpx.Client
 
 
 def test_deep_prediction_input_is_a_problem(root: httpx.Client) -> None:
-    body = '{"version": "m", "input": {"prompt": %s}}' % DEEP
+    body = '{"version": "m", "input": {"prompt": %s}}'.replace("%s", DEEP)
     problem(root.post("/v1/predictions", content=body.encode(), headers=JSON))
     nested: Any = "x"
     for _ in range(40):
@@ -244,7 +244,8 @@ async def test_a_request_left_while_queued_has_one_cancelled_row(served: Served)
     row = served.usage_row(left_ids[0])
     assert row["status"] == "cancelled"
     assert (row["prompt_tokens"], row["completion_tokens"]) == (0, 0)
-    assert row["input_cost"] == 0 and row["output_cost"] == 0
+    assert row["input_cost"] == 0
+    assert row["output_cost"] == 0
     # The non-streamed request that was abandoned got no response, but it was admitted: one row too.
     rows = served.usage_rows("model = ? AND status = 'cancelled'", SLOW)
     assert len(rows) == 2

@@ -7,6 +7,7 @@ revoke it; the replica that revokes forgets its cached answer at once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import cast
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.accounting.fail_closed import DATABASE_WAIT_S, needing_database
 from gateway.accounting.keys.records import (
     KEY_PREFIX,
     ApiKeyInfo,
@@ -43,6 +45,11 @@ _FIRST_KEY_LOCK_ID = 0x6B657973
 class _Cached:
     until: float
     info: ApiKeyInfo | None
+
+
+def _could_be_id(key_id: str) -> bool:
+    """False for a string no key id can be, which PostgreSQL would refuse as a parameter (NUL)."""
+    return "\x00" not in key_id
 
 
 def _now() -> datetime:
@@ -84,6 +91,11 @@ class KeyStore:
         self._negative_seconds = min(cache_seconds, 1.0)
         self._clock = clock
         self._cache: dict[str, _Cached] = {}
+        # Lookups under way, by digest: a burst of requests with a key not in the cache (a new key,
+        # a replica just started) costs the database one query, not one per request.
+        self._lookups: dict[str, asyncio.Future[ApiKeyInfo | None]] = {}
+        # Counts changes made here, so that a lookup that began before one is not cached after it.
+        self._changes = 0
 
     async def create(self, new: NewKey, *, plaintext: str | None = None) -> tuple[ApiKeyInfo, str]:
         """Store a new key; the plaintext is returned here and never again."""
@@ -133,7 +145,7 @@ class KeyStore:
         )
         session.add(row)
         # A lookup of this key just before it existed may have been cached as "unknown".
-        self._cache.pop(row.key_hash, None)
+        self._forget(row.key_hash)
         return row
 
     async def list(self, *, include_revoked: bool = True) -> list[ApiKeyInfo]:
@@ -144,6 +156,8 @@ class KeyStore:
             return [_snapshot(row) for row in (await session.scalars(query)).all()]
 
     async def get(self, key_id: str) -> ApiKeyInfo | None:
+        if not _could_be_id(key_id):
+            return None
         async with self._sessionmaker() as session:
             row = await session.get(ApiKey, key_id)
             return None if row is None else _snapshot(row)
@@ -160,7 +174,7 @@ class KeyStore:
             row = await self._row_for_update(session, key_id)
             for field, value in changes.items():
                 setattr(row, field, value)
-        self._cache.pop(row.key_hash, None)
+        self._forget(row.key_hash)
         return _snapshot(row)
 
     async def revoke(self, key_id: str) -> ApiKeyInfo:
@@ -169,7 +183,7 @@ class KeyStore:
             row = await self._row_for_update(session, key_id)
             if row.revoked_at is None:
                 row.revoked_at = _now()
-        self._cache.pop(row.key_hash, None)
+        self._forget(row.key_hash)
         return _snapshot(row)
 
     async def authenticate(self, plaintext: str) -> ApiKeyInfo | None:
@@ -182,11 +196,41 @@ class KeyStore:
         if cached is not None and cached.until > now:
             info = cached.info
         else:
-            info = await self._lookup(digest)
-            ttl = self._cache_seconds if info is not None else self._negative_seconds
-            self._remember(digest, _Cached(now + ttl, info), now)
+            changes = self._changes
+            async with needing_database("authenticating a key"):
+                info = await self._shared_lookup(digest)
+            if changes == self._changes:
+                ttl = self._cache_seconds if info is not None else self._negative_seconds
+                self._remember(digest, _Cached(now + ttl, info), now)
         # Checked on every call: a cached key may expire while it sits in the cache.
         return info if info is not None and info.is_usable(_now()) else None
+
+    async def _shared_lookup(self, digest: str) -> ApiKeyInfo | None:
+        lookup = self._lookups.get(digest)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._lookup_within(DATABASE_WAIT_S, digest))
+            self._lookups[digest] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(digest, done))
+        # Shielded: a caller that gives up (its client left, a timeout) leaves the others' lookup running.
+        return await asyncio.shield(lookup)
+
+    def _lookup_done(self, digest: str, lookup: asyncio.Future[ApiKeyInfo | None]) -> None:
+        if self._lookups.get(digest) is lookup:
+            del self._lookups[digest]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here: every caller may have given up on it
+
+    def _forget(self, digest: str) -> None:
+        """Drop what is known of a key that changed here; lookups under way may predate the change."""
+        self._changes += 1
+        self._cache.pop(digest, None)
+        self._lookups.pop(digest, None)
+
+    async def _lookup_within(self, seconds: float, digest: str) -> ApiKeyInfo | None:
+        # Bounded itself, not only by its callers' waits: a lookup stuck on a hung connection would
+        # otherwise be joined by every later request with this key, after the database is back too.
+        async with asyncio.timeout(seconds):
+            return await self._lookup(digest)
 
     async def _lookup(self, digest: str) -> ApiKeyInfo | None:
         async with self._sessionmaker() as session:
@@ -206,7 +250,9 @@ class KeyStore:
 
     @staticmethod
     async def _row_for_update(session: AsyncSession, key_id: str) -> ApiKey:
-        row = await session.scalar(select(ApiKey).where(ApiKey.id == key_id).with_for_update())
+        row = None
+        if _could_be_id(key_id):
+            row = await session.scalar(select(ApiKey).where(ApiKey.id == key_id).with_for_update())
         if row is None:
             raise KeyNotFound(f"no API key has id {key_id!r}")
         return row

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,8 +22,10 @@ from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
+from gateway.accounting.fail_closed import database_unavailable, is_database_outage
 from gateway.api.admission import admit
 from gateway.api.auth import current_key
+from gateway.api.client_gone import CLIENT_CLOSED_REQUEST, left_before_body
 from gateway.api.heavy_work import sized_work
 from gateway.api.json_bodies import check_depth, json_bytes
 from gateway.api.replicate import predictions
@@ -267,12 +270,25 @@ def _problem_api_error_response(request: AnyRequest, exc: ApiError) -> Response[
     return _problem_response(request, Problem.from_api_error(exc))
 
 
-def _problem_http_error_response(request: AnyRequest, exc: HTTPException) -> Response[Any]:
-    problem = Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+_REPLICATE_PATH = re.compile(r"/v1/(?:predictions(?:/.*)?|models/[^/]+/[^/]+(?:/.*)?)")
+
+
+def is_replicate_path(path: str) -> bool:
+    """Whether ``path`` is one of this router's, also when no route matched it (404, 405): the
+    app's own error handlers, which answer those, then use Replicate's shape too."""
+    return _REPLICATE_PATH.fullmatch(path) is not None
+
+
+def problem_http_error_response(request: AnyRequest, exc: HTTPException) -> Response[Any]:
+    status = CLIENT_CLOSED_REQUEST if left_before_body(exc) else exc.status_code
+    problem = Problem(status, str(exc.detail), headers=dict(exc.headers or {}))
     return _problem_response(request, problem)
 
 
 def _problem_unexpected_error_response(request: AnyRequest, exc: Exception) -> Response[Any]:
+    if is_database_outage(exc):
+        request.logger.warning("database unavailable: %s", type(exc).__name__)
+        return _problem_response(request, Problem.from_api_error(database_unavailable()))
     request.logger.exception("unhandled error", exc_info=exc)
     return _problem_response(request, Problem(500, "The server had an error while processing your request."))
 
@@ -293,7 +309,7 @@ REPLICATE_ROUTES = Router(
     exception_handlers={
         Problem: _problem_response,
         ApiError: _problem_api_error_response,
-        HTTPException: _problem_http_error_response,
+        HTTPException: problem_http_error_response,
         Exception: _problem_unexpected_error_response,
     },
 )

@@ -239,6 +239,9 @@ maxUnavailable: {{ .maxUnavailable }}
   value: /tmp
 - name: LLAMA_GATEWAY_CONFIG
   value: /etc/llama-gateway/config.yaml
+{{- /* Converted weights and the usage spool (rows waiting for an unreachable database). */}}
+- name: LLAMA_GATEWAY_DATA_DIR
+  value: /var/lib/llama-gateway
 {{- if include "llama-gateway.externalDatabase" . }}
 - name: LLAMA_GATEWAY_DATABASE_URL
   valueFrom:

@@ -1,0 +1,48 @@
+"""One row per fault scenario: what was sent, what was served, what failed, which rows exist."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    sent: int
+    """Requests the clients sent."""
+    served: int
+    """Requests answered with a 2xx (for streams: the 200 was sent)."""
+    failed: int
+    """Requests answered with an error status, or cut off."""
+    usage_rows: int
+    """Usage rows found in the database afterwards."""
+    expected_rows: int
+    """Usage rows there must be (one per admitted request)."""
+    server_errors: int = 0
+    """Responses with a 5xx status other than 503 (never acceptable)."""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.usage_rows == self.expected_rows and self.server_errors == 0
+
+
+def table(results: list[ScenarioResult]) -> str:
+    header = ("scenario", "sent", "served", "failed", "usage rows", "expected", "5xx", "ok")
+    rows = [
+        (r.name, r.sent, r.served, r.failed, r.usage_rows, r.expected_rows, r.server_errors, "yes" if r.ok else "NO")
+        for r in results
+    ]
+    widths = [max(len(str(row[i])) for row in (header, *rows)) for i in range(len(header))]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)) for row in (header, *rows)
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    for result in results:
+        lines.extend(f"  {result.name}: {note}" for note in result.notes)
+    return "\n".join(lines)
+
+
+def as_json(results: list[ScenarioResult]) -> str:
+    return json.dumps([asdict(r) | {"ok": r.ok} for r in results], indent=2)
