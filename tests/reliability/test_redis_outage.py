@@ -7,9 +7,8 @@ The machine's Redis is never touched: a ``StallingTcpProxy`` in front of it is w
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +21,7 @@ from bench.faults.harness import StallingTcpProxy
 from gateway.accounting.keys import ApiKeyInfo
 from gateway.accounting.limits import RedisLimiter
 from gateway.errors import ApiError
+from tests.support.accounting_records import key_info as make_key
 
 pytestmark = pytest.mark.redis
 
@@ -54,27 +54,6 @@ async def test_redis_hanging_under_load(redis_server: str) -> None:
 @pytest.mark.parametrize("hang", [False, True], ids=["cut-off", "hanging"])
 async def test_redis_away_under_more_load(redis_server: str, hang: bool) -> None:
     assert_failed_closed_and_recovered(await redis_outage.run(5, redis_url=redis_server, hang=hang))
-
-
-def make_key(**limits: Any) -> ApiKeyInfo:
-    fields: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
-        "name": "limited",
-        "owner": None,
-        "metadata": {},
-        "scope": "user",
-        "prefix": "sk-test…abcd",
-        "allowed_models": None,
-        "rpm": None,
-        "tpm": None,
-        "max_concurrency": None,
-        "budget_usd": None,
-        "budget_period": "total",
-        "expires_at": None,
-        "revoked_at": None,
-        "created_at": datetime.now(UTC),
-    }
-    return ApiKeyInfo(**(fields | limits))
 
 
 @pytest.fixture

@@ -1,38 +1,15 @@
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from gateway.accounting.keys import ApiKeyInfo
 from gateway.accounting.limits import Limiter, MemoryLimiter, RedisLimiter
+from tests.support.accounting_records import key_info as _key
 
 MakeLimiter = Callable[..., Limiter]
-
-
-def _key(**limits: Any) -> ApiKeyInfo:
-    fields: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
-        "name": "limited",
-        "owner": None,
-        "metadata": {},
-        "scope": "user",
-        "prefix": "sk-test…abcd",
-        "allowed_models": None,
-        "rpm": None,
-        "tpm": None,
-        "max_concurrency": None,
-        "budget_usd": None,
-        "budget_period": "total",
-        "expires_at": None,
-        "revoked_at": None,
-        "created_at": datetime.now(UTC),
-    }
-    fields.update(limits)
-    return ApiKeyInfo(**fields)
 
 
 @pytest.fixture

@@ -1,10 +1,9 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from decimal import Decimal
 
 import pytest
@@ -17,30 +16,10 @@ from gateway.accounting.usage import recorder as recorder_module
 from gateway.accounting.usage.rows import insert_entries
 from gateway.db import make_engine, make_sessionmaker
 from gateway.db.tables import UsageRecord
+from tests.support.accounting_records import usage_entry as make_entry
 
 Sessions = async_sessionmaker[AsyncSession]
 FAST_RETRIES = (0.01, 0.01)
-
-
-def make_entry(key_id: str, **changes: object) -> UsageEntry:
-    started = datetime.now(UTC)
-    fields: dict[str, object] = {
-        "request_id": f"chatcmpl-{uuid.uuid4().hex}",
-        "key_id": key_id,
-        "model": "llama-2-70b-chat",
-        "endpoint": "/v1/chat/completions",
-        "prompt_tokens": 12,
-        "completion_tokens": 34,
-        "input_price_per_million": Decimal("0.65"),
-        "output_price_per_million": Decimal("2.75"),
-        "status": "completed",
-        "finish_reason": "stop",
-        "ttft_ms": 40,
-        "started_at": started,
-        "finished_at": started + timedelta(milliseconds=250),
-    }
-    fields.update(changes)
-    return UsageEntry(**fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
@@ -24,6 +23,7 @@ from gateway.accounting.usage.rows import insert_entries
 from gateway.accounting.usage.spool import UsageSpool, encode_lines, spool_directory
 from gateway.db import make_engine, make_sessionmaker
 from gateway.db.tables import UsageRecord
+from tests.support.accounting_records import usage_entry
 from tests.support.databases import PostgresServer
 from tests.support.outages import database_behind_proxy
 from tests.support.paths import REPO_ROOT
@@ -34,24 +34,8 @@ WAIT_S = 30.0
 
 
 def make_entry(key_id: str = "key", **changes: object) -> UsageEntry:
-    started = datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC)
-    fields: dict[str, object] = {
-        "request_id": f"req_{uuid.uuid4().hex}",
-        "key_id": key_id,
-        "model": "llama-2-70b-chat",
-        "endpoint": "/v1/chat/completions",
-        "prompt_tokens": 12,
-        "completion_tokens": 34,
-        "input_price_per_million": Decimal("0.65"),
-        "output_price_per_million": Decimal("2.75"),
-        "status": "completed",
-        "finish_reason": "stop",
-        "ttft_ms": 40,
-        "started_at": started,
-        "finished_at": started + timedelta(milliseconds=250),
-    }
-    fields.update(changes)
-    return UsageEntry(**fields)  # type: ignore[arg-type]
+    # Microseconds and a fixed zone: what a round trip through the spool must keep.
+    return usage_entry(key_id, started=datetime(2026, 3, 1, 12, 30, 15, 123456, tzinfo=UTC), **changes)
 
 
 class Collector:
