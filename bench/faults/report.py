@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 
 @dataclass
@@ -45,4 +46,18 @@ def table(results: list[ScenarioResult]) -> str:
 
 
 def as_json(results: list[ScenarioResult]) -> str:
-    return json.dumps([asdict(r) | {"ok": r.ok} for r in results], indent=2)
+    # Not ``dataclasses.asdict``: it rebuilds a Counter from (key, count) pairs, counting the pairs.
+    rows = [{f.name: getattr(r, f.name) for f in fields(r)} | {"ok": r.ok} for r in results]
+    return json.dumps(_json_ready(rows), indent=2)
+
+
+def _json_ready(value: Any) -> Any:
+    """Counters keyed by statuses or by (status, code) pairs get string keys, as JSON needs."""
+    if isinstance(value, dict):
+        return {
+            k if isinstance(k, str) else " ".join(map(str, k)) if isinstance(k, tuple) else str(k): _json_ready(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    return value
