@@ -16,7 +16,8 @@ _ALLOW = b"allow"
 _PARAMETER_TYPE = re.compile(r":[^}]*}")
 
 
-def complete_allow_header(message: Message, scope: Scope) -> None:
+async def complete_allow_header(message: Message, scope: Scope) -> None:
+    # Async on purpose: Litestar runs a sync hook in a worker thread, for every message sent.
     if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS":
         return
     template = scope.get("path_template")

@@ -25,7 +25,9 @@ def new_request_id() -> str:
 
 def _assign_request_id(scope: Scope) -> str:
     state = scope.setdefault("state", {})
-    rid: str = state.setdefault(REQUEST_ID_SCOPE_KEY, new_request_id())
+    rid: str | None = state.get(REQUEST_ID_SCOPE_KEY)
+    if rid is None:
+        rid = state[REQUEST_ID_SCOPE_KEY] = new_request_id()
     return rid
 
 
@@ -39,7 +41,8 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send)
 
 
-def add_request_id_header(message: ASGIMessage, scope: Scope) -> None:
+async def add_request_id_header(message: ASGIMessage, scope: Scope) -> None:
+    # Async on purpose: Litestar runs a sync hook in a worker thread, for every message sent.
     if message["type"] != "http.response.start":
         return
     headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]

@@ -40,6 +40,9 @@ def run(settings: Settings, *, workers: int = 1, config_path: str | None = None)
         # The app drains on SIGTERM (gateway.observability.drain) before uvicorn's own shutdown begins.
         "timeout_graceful_shutdown": AFTER_DRAIN_GRACE_SECONDS,
         "access_log": False,
+        # Nothing in the gateway reads the client's address; checking forwarded headers on every
+        # request would be work for nothing.
+        "proxy_headers": False,
         "log_config": None,  # uvicorn's loggers propagate to the gateway's handler
         "http": JsonErrorHttpToolsProtocol,
     }

@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -30,6 +30,7 @@ _ASYNC_DRIVERS = {
 }
 # Any constant works; it only has to be the same for every replica running ``db upgrade``.
 _MIGRATION_LOCK_ID = 0x6C6C616D61
+SQLITE_BUSY_TIMEOUT_S = 10.0
 
 
 class DatabaseNotReady(Exception):
@@ -72,20 +73,28 @@ def make_engine(url: str, **options: Any) -> AsyncEngine:
     options.setdefault("hide_parameters", True)
     if is_sqlite(url):
         engine = create_async_engine(url, **options)
-        event.listen(engine.sync_engine, "connect", _configure_sqlite)
+        event.listen(engine.sync_engine, "connect", lambda connection, _: configure_sqlite(connection))
         return engine
     options.setdefault("pool_pre_ping", True)
     return create_async_engine(url, **options)
 
 
-def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+def configure_sqlite(dbapi_connection: Any, *, busy_timeout_s: float = SQLITE_BUSY_TIMEOUT_S) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers (key lookups, reports) run while the usage writer commits.
     cursor.execute("PRAGMA journal_mode=WAL")
     # Writers from other connections wait for the lock instead of failing with "database is locked".
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={max(1, round(busy_timeout_s * 1000)):d}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
+
+
+def sync_sqlite_engine(engine: AsyncEngine, *, busy_timeout_s: float) -> Engine:
+    """The same SQLite file as ``engine``, through the standard library's driver, for work done in a
+    thread of its own (one connection, used by one thread)."""
+    sync = create_engine(engine.url.set(drivername="sqlite"), hide_parameters=True, pool_size=1, max_overflow=0)
+    event.listen(sync, "connect", lambda connection, _: configure_sqlite(connection, busy_timeout_s=busy_timeout_s))
+    return sync
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

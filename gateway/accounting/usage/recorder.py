@@ -2,8 +2,11 @@
 
 Many requests finish at about the same time; each calls ``record`` and waits. One writer task takes
 every entry queued so far, inserts them in one transaction, and only after COMMIT resolves each
-waiter. The HTTP layer sends a response's final bytes after ``record`` returns, so a response a
-client saw complete always has its row, even if the process is killed the next instant.
+waiter. It works as a leader and its followers do in a database's group commit: a lone entry is
+committed at once, and entries that arrive while a commit is in flight wait for it to end and then
+share the next one, so a busy gateway commits in batches without any request waiting on a timer.
+The HTTP layer sends a response's final bytes after ``record`` returns, so a response a client saw
+complete always has its row, even if the process is killed the next instant.
 
 A batch that fails is retried. One the database refuses (``IntegrityError``, ``DataError``: the
 entries' own fault) is split so a single bad entry cannot sink the others, and that entry's
@@ -26,7 +29,7 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.accounting.usage.entry import UsageEntry
-from gateway.accounting.usage.rows import insert_entries
+from gateway.accounting.usage.rows import row_writer
 from gateway.accounting.usage.spool import UsageSpool
 
 logger = logging.getLogger(__name__)
@@ -57,7 +60,7 @@ class UsageRecorder:
         self,
         sessionmaker: async_sessionmaker[AsyncSession],
         *,
-        flush_interval_s: float = 0.005,
+        flush_interval_s: float = 0.0,
         max_batch: int = 500,
         retry_delays_s: Sequence[float] | None = None,
         attempt_timeout_s: float | None = None,
@@ -74,6 +77,7 @@ class UsageRecorder:
             attempt_timeout_s = ATTEMPT_TIMEOUT_BEFORE_SPOOLING_S if spool is not None else ATTEMPT_TIMEOUT_S
         # A connection that hangs instead of failing must not hold every waiter behind it.
         self._attempt_timeout = attempt_timeout_s
+        self._writer = row_writer(sessionmaker.kw["bind"], lock_wait_s=attempt_timeout_s)
         self._spool = spool
         self._replay_interval = replay_interval_s
         self._queue: list[_Pending] = []
@@ -144,6 +148,7 @@ class UsageRecorder:
                 await asyncio.gather(self._replayer, return_exceptions=True)
             if self._spool is not None:
                 self._spool.close()
+            await self._writer.aclose()
 
     async def _run(self) -> None:
         try:
@@ -151,7 +156,7 @@ class UsageRecorder:
                 if not self._queue:
                     self._wakeup.clear()
                     await self._wakeup.wait()
-                    # After a quiet spell, wait briefly so that requests finishing together share a commit.
+                    # Optionally wait after a quiet spell, trading latency for fewer, larger commits.
                     if self._flush_interval > 0 and not self._closing:
                         await asyncio.sleep(self._flush_interval)
                     continue
@@ -208,7 +213,7 @@ class UsageRecorder:
     async def _commit(self, batch: list[_Pending]) -> BaseException | None:
         try:
             async with asyncio.timeout(self._attempt_timeout):
-                refused = await insert_entries(self._sessionmaker, [entry for entry, _ in batch])
+                refused = await self._writer.insert([entry for entry, _ in batch])
         except Exception as exc:
             self.failures += 1
             logger.warning("usage batch of %d rows failed: %s", len(batch), _describe(exc))
@@ -290,7 +295,7 @@ class UsageRecorder:
 
     async def _insert(self, entries: list[UsageEntry]) -> dict[str, str]:
         async with asyncio.timeout(self._attempt_timeout):
-            return await insert_entries(self._sessionmaker, entries)
+            return await self._writer.insert(entries)
 
     def _fail(self, pending: list[_Pending], cause: BaseException) -> None:
         for entry, future in pending:

@@ -1,15 +1,30 @@
-"""The one statement the recorder runs: insert a batch of usage rows, exactly once each."""
+"""The one statement the recorder runs: insert a batch of usage rows, exactly once each.
+
+``insert_rows`` is the statement and its check, written once against a synchronous SQLAlchemy
+connection. Writers run it where it costs least, since it sits on every request's path:
+
+- ``SqliteRowWriter``: on a connection of its own in one thread, so a batch is one hop from the
+  event loop to that thread and back (through aiosqlite every call of a transaction is a hop of
+  its own: a single-row commit took 1.7 ms there, 0.5 ms this way, on the same machine);
+- ``HeldConnectionWriter`` (PostgreSQL): on one connection held open in autocommit mode, so a
+  batch is one round trip (a connection from the pool first pings the server and is rolled back
+  when returned: two more).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
-from typing import cast
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Connection, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.accounting.usage.entry import UsageEntry
+from gateway.db.engine import sync_sqlite_engine
 from gateway.db.tables import UsageRecord
 
 _table = cast(Table, UsageRecord.__table__)
@@ -17,32 +32,115 @@ _table = cast(Table, UsageRecord.__table__)
 _IDENTITY = ("key_id", "model", "prompt_tokens", "completion_tokens", "started_at")
 
 
+def insert_rows(connection: Connection, entries: Sequence[UsageEntry]) -> dict[str, str]:
+    """Insert the rows in one statement on an autocommit connection; return the request ids
+    refused, with the reason.
+
+    One INSERT is atomic on its own: in autocommit mode it is committed when it returns, with one
+    round trip instead of BEGIN, INSERT, COMMIT. A COMMIT whose reply was lost may have succeeded,
+    and the retry then meets its own rows: ``ON CONFLICT DO NOTHING`` keeps that retry from failing
+    the batch, and comparing the rows that were already there tells a retry apart from a request id
+    used twice.
+    """
+    insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = insert(_table).on_conflict_do_nothing(index_elements=["request_id"]).returning(_table.c.request_id)
+    inserted = set(connection.execute(statement, [entry.row() for entry in entries]).scalars().all())
+    already = {entry.request_id: entry for entry in entries if entry.request_id not in inserted}
+    if not already:
+        return {}
+    columns = [_table.c.request_id, *(_table.c[name] for name in _IDENTITY)]
+    stored = connection.execute(select(*columns).where(_table.c.request_id.in_(already)))
+    refused: dict[str, str] = {}
+    for request_id, *values in stored.all():
+        entry = already[request_id]
+        if tuple(values) != tuple(getattr(entry, name) for name in _IDENTITY):
+            refused[request_id] = f"request id {request_id!r} already has a different usage row"
+    return refused
+
+
 async def insert_entries(
     sessionmaker: async_sessionmaker[AsyncSession], entries: Sequence[UsageEntry]
 ) -> dict[str, str]:
-    """Insert the rows in one statement; return the request ids refused, with the reason.
-
-    A COMMIT whose reply was lost may have succeeded, and the retry then meets its own rows:
-    ``ON CONFLICT DO NOTHING`` keeps that retry from failing the batch, and comparing the rows
-    that were already there tells a retry apart from a request id used twice.
-    """
+    """``insert_rows`` on a connection from the pool (for tools and tests; the recorder uses a writer)."""
     engine: AsyncEngine = sessionmaker.kw["bind"]
-    # One INSERT is atomic on its own: in autocommit mode it is committed when it returns, with
-    # one round trip instead of BEGIN, INSERT, COMMIT.
     async with engine.connect() as connection:
         autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        insert = postgresql.insert if autocommit.dialect.name == "postgresql" else sqlite.insert
-        statement = insert(_table).on_conflict_do_nothing(index_elements=["request_id"]).returning(_table.c.request_id)
-        result = await autocommit.execute(statement, [entry.row() for entry in entries])
-        inserted = set(result.scalars().all())
-        already = {entry.request_id: entry for entry in entries if entry.request_id not in inserted}
-        if not already:
-            return {}
-        columns = [_table.c.request_id, *(_table.c[name] for name in _IDENTITY)]
-        stored = await autocommit.execute(select(*columns).where(_table.c.request_id.in_(already)))
-        refused: dict[str, str] = {}
-        for request_id, *values in stored.all():
-            entry = already[request_id]
-            if tuple(values) != tuple(getattr(entry, name) for name in _IDENTITY):
-                refused[request_id] = f"request id {request_id!r} already has a different usage row"
-        return refused
+        return await autocommit.run_sync(insert_rows, entries)
+
+
+class RowWriter(Protocol):
+    async def insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class SqliteRowWriter:
+    """``insert_rows`` on one SQLite connection, owned by one thread."""
+
+    def __init__(self, engine: AsyncEngine, *, lock_wait_s: float) -> None:
+        # A writer that waits out another's lock longer than a try may last would hold back every
+        # batch after it (a thread cannot be cancelled): it gives up in time instead.
+        self._engine = sync_sqlite_engine(engine, busy_timeout_s=lock_wait_s)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-writer")
+
+    async def insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._insert, entries)
+
+    def _insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        with self._engine.connect() as connection:
+            return insert_rows(connection.execution_options(isolation_level="AUTOCOMMIT"), entries)
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._engine.dispose)
+        self._thread.shutdown(wait=False)
+
+
+class HeldConnectionWriter:
+    """``insert_rows`` on one connection kept open; after any failure it is replaced."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._connection: AsyncConnection | None = None
+        # The recorder's writer and its spool replayer may insert at the same time.
+        self._lock = asyncio.Lock()
+
+    async def insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        async with self._lock:
+            return await self._insert(entries)
+
+    async def _insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        connection = self._connection
+        if connection is None:
+            connection = await self._engine.connect()
+            try:
+                await connection.execution_options(isolation_level="AUTOCOMMIT")
+            except BaseException:
+                await _discard(connection)
+                raise
+            self._connection = connection
+        try:
+            return await connection.run_sync(insert_rows, entries)
+        except BaseException:
+            # Broken, timed out mid-statement or refused: a fresh connection is the safe next try.
+            self._connection = None
+            await _discard(connection)
+            raise
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
+
+
+async def _discard(connection: AsyncConnection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.invalidate()
+    with contextlib.suppress(Exception):
+        await connection.close()
+
+
+def row_writer(engine: AsyncEngine, *, lock_wait_s: float) -> RowWriter:
+    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
+        return SqliteRowWriter(engine, lock_wait_s=lock_wait_s)
+    return HeldConnectionWriter(engine)

@@ -7,13 +7,13 @@ from datetime import datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import event, func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.accounting.keys import KeyStore, NewKey
 from gateway.accounting.usage import RecorderClosed, UsageEntry, UsageNotRecorded, UsageRecorder
 from gateway.accounting.usage import recorder as recorder_module
-from gateway.accounting.usage.rows import insert_entries
+from gateway.accounting.usage.rows import RowWriter, insert_entries
 from gateway.db import make_engine, make_sessionmaker
 from gateway.db.tables import UsageRecord
 from tests.support.accounting_records import usage_entry as make_entry
@@ -62,26 +62,53 @@ async def write_lock_held(sessions: Sessions) -> AsyncIterator[None]:
 async def test_concurrent_records_share_few_transactions(
     db_sessionmaker: Sessions, key_id: str, observer: Sessions
 ) -> None:
-    engine = db_sessionmaker.kw["bind"]
     commits = 0  # each batch is one INSERT statement, committed on its own (autocommit)
 
     def on_commit(_connection: object, _cursor: object, statement: str, *_: object) -> None:
         nonlocal commits
         commits += statement.lstrip().upper().startswith("INSERT INTO USAGE_RECORDS")
 
-    event.listen(engine.sync_engine, "before_cursor_execute", on_commit)
-    recorder = UsageRecorder(db_sessionmaker, flush_interval_s=0.005)
+    # On every engine: the recorder writes SQLite through a connection of its own.
+    event.listen(Engine, "before_cursor_execute", on_commit)
+    recorder = UsageRecorder(db_sessionmaker)  # no flush interval: grouping needs no timer
     recorder.start()
     entries = [make_entry(key_id) for _ in range(300)]
     try:
         await asyncio.gather(*(recorder.record(e) for e in entries))
     finally:
         await recorder.aclose()
-        event.remove(engine.sync_engine, "before_cursor_execute", on_commit)
+        event.remove(Engine, "before_cursor_execute", on_commit)
     assert recorder.committed == 300
     assert recorder.batches == commits
     assert commits <= 5, f"300 concurrent rows took {commits} transactions"
     assert await count_rows(observer) == 300
+
+
+async def test_rows_arriving_during_a_commit_share_the_next_one(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker)
+    recorder.start()
+    leader = make_entry(key_id)
+    followers = [make_entry(key_id) for _ in range(40)]
+    try:
+        async with write_lock_held(observer):
+            # The lone entry is taken at once, and its commit waits for the lock...
+            first = asyncio.create_task(recorder.record(leader))
+            while recorder.backlog == 0:  # noqa: ASYNC110 - the recorder has no event to wait on
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+            # ...while these arrive: they queue behind it.
+            rest = [asyncio.create_task(recorder.record(e)) for e in followers]
+            await asyncio.sleep(0.1)
+            assert recorder.backlog == 41
+            assert not first.done()
+        await asyncio.wait_for(asyncio.gather(first, *rest), 10)
+    finally:
+        await recorder.aclose()
+    assert recorder.batches == 2, "the followers should have shared one commit after the leader's"
+    assert recorder.committed == 41
+    assert await count_rows(observer, [e.request_id for e in [leader, *followers]]) == 41
 
 
 async def test_record_returns_only_once_the_row_is_committed(
@@ -137,15 +164,23 @@ async def test_a_transient_failure_is_retried(
     db_sessionmaker: Sessions, key_id: str, observer: Sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = 0
+    real_row_writer = recorder_module.row_writer
 
-    async def flaky(sessionmaker: Sessions, entries: Sequence[UsageEntry]) -> dict[str, str]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise ConnectionResetError("connection lost")
-        return await insert_entries(sessionmaker, entries)
+    def flaky_row_writer(engine: AsyncEngine, *, lock_wait_s: float) -> RowWriter:
+        writer = real_row_writer(engine, lock_wait_s=lock_wait_s)
+        insert = writer.insert
 
-    monkeypatch.setattr(recorder_module, "insert_entries", flaky)
+        async def flaky(entries: Sequence[UsageEntry]) -> dict[str, str]:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ConnectionResetError("connection lost")
+            return await insert(entries)
+
+        writer.insert = flaky  # type: ignore[method-assign]
+        return writer
+
+    monkeypatch.setattr(recorder_module, "row_writer", flaky_row_writer)
     recorder = UsageRecorder(db_sessionmaker, retry_delays_s=FAST_RETRIES)
     recorder.start()
     entry = make_entry(key_id)
