@@ -19,6 +19,7 @@ from gateway.api.admin import ADMIN_ROUTES
 from gateway.api.allow_header import complete_allow_header
 from gateway.api.auth import require_api_key
 from gateway.api.client_gone import CLIENT_CLOSED_REQUEST, left_before_body
+from gateway.api.garbage import freeze_startup_objects
 from gateway.api.openai.routes import OPENAI_ROUTES
 from gateway.api.openapi import openapi_config
 from gateway.api.probes import health, metrics, ready
@@ -86,8 +87,10 @@ def create_app(
     *,
     backends: Mapping[str, Backend] | None = None,
     metering: Metering | None = None,
+    freeze_garbage: bool = False,
 ) -> Litestar:
-    """Build the gateway app. ``backends`` replaces engines by model name (tests, benchmarks)."""
+    """Build the gateway app. ``backends`` replaces engines by model name (tests, benchmarks);
+    ``freeze_garbage`` sets the garbage collector for a process that only serves this app."""
     registry: ModelRegistry = build_registry(settings.models, dict(backends or {}), settings.weights_dir())
     state = GatewayState(settings=settings, models=registry)
     if metering is not None:
@@ -107,6 +110,8 @@ def create_app(
                 base_url = f"http://{settings.host}:{settings.port}"
                 print(initial_key_notice(first_key, base_url, model), flush=True)
             await registry.start()
+            if freeze_garbage:
+                freeze_startup_objects()
             state.ready = True
             try:
                 yield
@@ -121,8 +126,8 @@ def create_app(
     return Litestar(
         route_handlers=[health, ready, metrics, *OPENAI_ROUTES, REPLICATE_ROUTES, ADMIN_ROUTES, own_usage],
         middleware=[RequestIdMiddleware, *observability.middleware],
+        before_request=require_api_key,
         before_send=[add_request_id_header, complete_allow_header],
-        guards=[require_api_key],
         exception_handlers={
             ApiError: _openai_api_error_response,
             HTTPException: _openai_http_error_response,

@@ -22,7 +22,7 @@ def app_from_environment() -> Litestar:
 
     settings = load_settings()
     configure_logging(settings)
-    return create_app(settings)
+    return create_app(settings, freeze_garbage=True)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -56,4 +56,4 @@ def run(settings: Settings, *, workers: int = 1, config_path: str | None = None)
             return
         from gateway.api.app import create_app
 
-        uvicorn.run(create_app(settings), **options)  # type: ignore[arg-type]
+        uvicorn.run(create_app(settings, freeze_garbage=True), **options)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -87,14 +87,6 @@ def configure_sqlite(dbapi_connection: Any, *, busy_timeout_s: float = SQLITE_BU
     cursor.execute(f"PRAGMA busy_timeout={max(1, round(busy_timeout_s * 1000)):d}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
-
-
-def sync_sqlite_engine(engine: AsyncEngine, *, busy_timeout_s: float) -> Engine:
-    """The same SQLite file as ``engine``, through the standard library's driver, for work done in a
-    thread of its own (one connection, used by one thread)."""
-    sync = create_engine(engine.url.set(drivername="sqlite"), hide_parameters=True, pool_size=1, max_overflow=0)
-    event.listen(sync, "connect", lambda connection, _: configure_sqlite(connection, busy_timeout_s=busy_timeout_s))
-    return sync
 
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import sys
 
 import pytest
@@ -15,6 +16,17 @@ def test_off_a_terminal_there_is_no_bar(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with conversion_progress() as progress:
         assert progress is None
+
+
+def _read_all(fd: int) -> bytes:
+    """Everything written to the terminal so far: one read may return only its first part."""
+    chunks = []
+    while select.select([fd], [], [], 0.2)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def test_on_a_terminal_a_bar_names_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,7 +41,7 @@ def test_on_a_terminal_a_bar_names_the_model(monkeypatch: pytest.MonkeyPatch) ->
             for done in (0, 50, 100):
                 update(done << 20, 100 << 20)
         terminal.flush()
-        drawn = os.read(leader, 1 << 16).decode("utf-8", errors="replace")
+        drawn = _read_all(leader).decode("utf-8", errors="replace")
     finally:
         terminal.close()
         os.close(leader)

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import Engine, event, func, select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from gateway.accounting.keys import KeyStore, NewKey
@@ -59,17 +59,36 @@ async def write_lock_held(sessions: Sessions) -> AsyncIterator[None]:
             await session.commit()
 
 
+def watch_inserts(monkeypatch: pytest.MonkeyPatch, before: Callable[[], None] | None = None) -> list[int]:
+    """The sizes of the batches the recorder's writer commits, each one INSERT in autocommit mode.
+
+    ``before`` runs ahead of each insert and may raise, as a database that fails would.
+    """
+    sizes: list[int] = []
+    real_row_writer = recorder_module.row_writer
+
+    def watched_row_writer(engine: AsyncEngine, *, lock_wait_s: float) -> RowWriter:
+        writer = real_row_writer(engine, lock_wait_s=lock_wait_s)
+        insert = writer.insert
+
+        async def watched(entries: Sequence[UsageEntry]) -> dict[str, str]:
+            if before is not None:
+                before()
+            refused = await insert(entries)
+            sizes.append(len(entries))
+            return refused
+
+        writer.insert = watched  # type: ignore[method-assign]
+        return writer
+
+    monkeypatch.setattr(recorder_module, "row_writer", watched_row_writer)
+    return sizes
+
+
 async def test_concurrent_records_share_few_transactions(
-    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    commits = 0  # each batch is one INSERT statement, committed on its own (autocommit)
-
-    def on_commit(_connection: object, _cursor: object, statement: str, *_: object) -> None:
-        nonlocal commits
-        commits += statement.lstrip().upper().startswith("INSERT INTO USAGE_RECORDS")
-
-    # On every engine: the recorder writes SQLite through a connection of its own.
-    event.listen(Engine, "before_cursor_execute", on_commit)
+    commits = watch_inserts(monkeypatch)
     recorder = UsageRecorder(db_sessionmaker)  # no flush interval: grouping needs no timer
     recorder.start()
     entries = [make_entry(key_id) for _ in range(300)]
@@ -77,10 +96,9 @@ async def test_concurrent_records_share_few_transactions(
         await asyncio.gather(*(recorder.record(e) for e in entries))
     finally:
         await recorder.aclose()
-        event.remove(Engine, "before_cursor_execute", on_commit)
-    assert recorder.committed == 300
-    assert recorder.batches == commits
-    assert commits <= 5, f"300 concurrent rows took {commits} transactions"
+    assert recorder.committed == sum(commits) == 300
+    assert recorder.batches == len(commits)
+    assert len(commits) <= 5, f"300 concurrent rows took {len(commits)} transactions"
     assert await count_rows(observer) == 300
 
 
@@ -164,23 +182,14 @@ async def test_a_transient_failure_is_retried(
     db_sessionmaker: Sessions, key_id: str, observer: Sessions, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = 0
-    real_row_writer = recorder_module.row_writer
 
-    def flaky_row_writer(engine: AsyncEngine, *, lock_wait_s: float) -> RowWriter:
-        writer = real_row_writer(engine, lock_wait_s=lock_wait_s)
-        insert = writer.insert
+    def fail_first() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("connection lost")
 
-        async def flaky(entries: Sequence[UsageEntry]) -> dict[str, str]:
-            nonlocal calls
-            calls += 1
-            if calls == 1:
-                raise ConnectionResetError("connection lost")
-            return await insert(entries)
-
-        writer.insert = flaky  # type: ignore[method-assign]
-        return writer
-
-    monkeypatch.setattr(recorder_module, "row_writer", flaky_row_writer)
+    watch_inserts(monkeypatch, before=fail_first)
     recorder = UsageRecorder(db_sessionmaker, retry_delays_s=FAST_RETRIES)
     recorder.start()
     entry = make_entry(key_id)
