@@ -157,54 +157,61 @@ class OpenAIUpstreamBackend:
         raise GenerationFailed(f"no worker of model {self._config.name!r} is reachable: {last_error}")
 
 
-async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    """The ``data:`` payloads of a server-sent event stream, read to its very end.
+async def _sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The ``data:`` payloads of a server-sent event stream, as many at a time as have arrived,
+    read to its very end.
 
     Reading to the end, even past ``[DONE]``, lets the connection go back to the pool: a response
     left half-read would be closed, and the next request would pay for a new connection.
     """
     pending = b""
-    async for piece in content.iter_any():
-        pending += piece
+    while piece := await content.readany():
+        # readany gives one chunk of the body at a time; whatever else has arrived joins it.
+        pending += piece + content.read_nowait()
         if len(pending) > MAX_SSE_LINE_BYTES and b"\n" not in pending:
             raise GenerationFailed(f"worker sent a line longer than {MAX_SSE_LINE_BYTES} bytes")
         *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if line.startswith(b"data:"):
-                yield line[5:].strip()
+        batch = [line[5:].strip() for line in lines if line.startswith(b"data:")]
+        if batch:
+            yield batch
     if pending.startswith(b"data:"):
-        yield pending[5:].strip()
+        yield [pending[5:].strip()]
 
 
 async def _deltas(content: aiohttp.StreamReader) -> AsyncIterator[TokenDelta]:
+    """One delta for the tokens of each read: events that arrived together go on together, so a
+    fast worker's tokens cost the layers above one step per read, not one per token."""
     counted = 0
     finish: str | None = None
     text_pending = ""
     total: int | None = None
-    async for data in _sse_data(content):
-        if data == b"[DONE]" or total is not None:
-            continue  # nothing after the usage chunk matters, but the stream is read to its end
-        chunk = msgspec.json.decode(data)
-        if not isinstance(chunk, dict):
-            raise GenerationFailed("worker sent an event that is not a JSON object")
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else error
-            raise GenerationFailed(f"worker error: {message}")
-        usage = chunk.get("usage")
-        if usage:
-            # The exact count arrives last; it settles the difference with what was counted so far.
-            total = int(usage["completion_tokens"])
-            continue
-        for choice in chunk.get("choices", []):
-            text = choice.get("text") or ""
-            reason = choice.get("finish_reason")
-            if reason is not None:
-                finish = reason
-                text_pending += text
+    async for batch in _sse_batches(content):
+        texts: list[str] = []
+        for data in batch:
+            if data == b"[DONE]" or total is not None:
+                continue  # nothing after the usage chunk matters, but the stream is read to its end
+            chunk = msgspec.json.decode(data)
+            if not isinstance(chunk, dict):
+                raise GenerationFailed("worker sent an event that is not a JSON object")
+            if "error" in chunk:
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else error
+                raise GenerationFailed(f"worker error: {message}")
+            usage = chunk.get("usage")
+            if usage:
+                # The exact count arrives last; it settles the difference with what was counted so far.
+                total = int(usage["completion_tokens"])
                 continue
-            counted += 1
-            yield TokenDelta(text, (), token_count=1)
+            for choice in chunk.get("choices", []):
+                text = choice.get("text") or ""
+                if (reason := choice.get("finish_reason")) is not None:
+                    finish = reason
+                    text_pending += text
+                else:
+                    texts.append(text)
+        if texts:
+            counted += len(texts)
+            yield TokenDelta("".join(texts), (), token_count=len(texts))
     yield TokenDelta(text_pending, (), _finish(finish), token_count=0 if total is None else max(0, total - counted))
 
 

@@ -12,6 +12,7 @@ operator turned on ``log_content``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -52,8 +53,13 @@ def level_number(name: str) -> int:
     return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+"""Types of values that cannot hold a secret under a name of their own: passed as they are."""
+
+
 def _scrub(value: Any, depth: int = 0) -> Any:
-    if depth > 3:
+    # Every field of every line passes here: the common case is answered first, without ABC checks.
+    if type(value) in _PLAIN or depth > 3:
         return value
     if isinstance(value, Mapping):
         return {k: REDACTED if _is_secret(k) else _scrub(v, depth + 1) for k, v in value.items()}
@@ -70,7 +76,13 @@ def _is_pair(item: object) -> bool:
 def _is_secret(name: object) -> bool:
     if isinstance(name, bytes):
         name = name.decode("latin-1")
-    return isinstance(name, str) and name.lower() in SECRET_FIELDS
+    return isinstance(name, str) and _secret_name(name)
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_name(name: str) -> bool:
+    # Lines repeat the same few field names: each is lowered and looked up once.
+    return name.lower() in SECRET_FIELDS
 
 
 class Redactor:
@@ -92,7 +104,8 @@ class Redactor:
 
 def _add_pid(_: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
     # Tells apart the lines of several uvicorn workers writing to one stream.
-    event_dict.setdefault("pid", os.getpid())
+    if "pid" not in event_dict:
+        event_dict["pid"] = os.getpid()
     return event_dict
 
 
@@ -173,6 +186,13 @@ def configure_logging(settings: Settings, stream: TextIO | None = None) -> None:
     stream = sys.stdout if stream is None else stream
     as_json = wants_json(settings.log_format, stream)
     _configure_structlog()
+    # No line shows where a record was made, nor its thread or process name: skip collecting them
+    # (the "Optimization" section of the logging documentation; the caller lookup walks the stack).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging.logAsyncioTasks = False  # type: ignore[attr-defined]  # new in 3.12, not in the stubs
     handler = logging.StreamHandler(stream)
     handler.setFormatter(
         build_formatter(as_json=as_json, log_content=settings.log_content, colors=not as_json and stream.isatty())

@@ -13,8 +13,9 @@ from backends.config import BackendConfig
 from backends.openai_upstream import OpenAIUpstreamBackend
 
 END_OF_BODY = b"0\r\n\r\n"
-Answer = Callable[[int], bytes]
-"""The raw HTTP response to the n-th request (0-based) the worker receives."""
+Answer = Callable[[int], bytes | list[bytes]]
+"""The raw HTTP response to the n-th request (0-based) the worker receives; a list is written a
+piece at a time, with a pause before each."""
 
 
 def _event(payload: object) -> bytes:
@@ -60,6 +61,12 @@ class Worker:
                 await reader.readexactly(length)
                 response = self.answer(self.requests)
                 self.requests += 1
+                if isinstance(response, list):
+                    for piece in response:
+                        await asyncio.sleep(0.05)
+                        writer.write(piece)
+                        await writer.drain()
+                    continue
                 if response.endswith(END_OF_BODY):
                     # The end of the body comes a moment later, as from a real worker, so that a
                     # client that stops reading at [DONE] leaves it unread (and loses the connection).
@@ -158,3 +165,19 @@ async def test_an_unreachable_replica_is_skipped_for_the_next() -> None:
         await backend.stop()
         server.close()
     assert "".join(d.text for d in deltas) == "Hello!"
+
+
+async def test_tokens_sent_apart_arrive_apart() -> None:
+    """Deltas join only events that have already arrived: a worker's paced tokens are not held back."""
+    events = [_text("Hel"), _text("lo"), _text("!", "stop"), USAGE_3, _event(b"[DONE]")]
+    whole = _chunked(*events)
+    head_end = whole.index(b"\r\n\r\n") + 4
+    pieces = [whole[:head_end], *(f"{len(e):x}\r\n".encode() + e + b"\r\n" for e in events), END_OF_BODY]
+    worker = Worker(lambda _: pieces)
+    arrivals: list[str] = []
+    async for backend in _backend(worker):
+        request = GenerationRequest("req-1", [1, 2, 3, 4], SamplingParams(max_tokens=8))
+        async for delta in backend.generate(request):
+            arrivals.append(delta.text)
+    assert arrivals[:2] == ["Hel", "lo"], arrivals
+    assert "".join(arrivals) == "Hello!"
