@@ -37,7 +37,7 @@ def serve(config_path: str | None, host: str | None, port: int | None, workers: 
             settings.host = host
         if port is not None:
             settings.port = port
-        check_startup(settings)
+        check_startup(settings, workers=workers)
     except (ConfigError, BackendUnavailable, StartupError) as exc:
         raise click.ClickException(str(exc)) from exc
     run(settings, workers=workers, config_path=config_path)

@@ -61,9 +61,22 @@ def check_initial_admin_key(preset: str | None) -> None:
         raise StartupError(f"initial_admin_key (LLAMA_GATEWAY_INITIAL_ADMIN_KEY): {exc}") from exc
 
 
-def check_startup(settings: Settings) -> None:
-    """Raise ``StartupError`` when the preset admin key is malformed, the port is taken, or the
-    database is unreachable or behind. Nothing is written before the key and port are checked."""
+def check_workers(settings: Settings, workers: int) -> None:
+    """Several workers are several replicas on one host: limits must live where all of them see them."""
+    if workers < 1:
+        raise StartupError(f"--workers must be 1 or more, not {workers}")
+    if workers > 1 and not settings.redis_url:
+        raise StartupError(
+            f"--workers {workers} needs redis_url (LLAMA_GATEWAY_REDIS_URL): without it each worker keeps its "
+            "own rate limits and budget reservations, so a key could exceed them; set redis_url or serve one worker"
+        )
+
+
+def check_startup(settings: Settings, *, workers: int = 1) -> None:
+    """Raise ``StartupError`` when the worker count cannot keep limits, the preset admin key is
+    malformed, the port is taken, or the database is unreachable or behind. Nothing is written
+    before the workers, key and port are checked."""
+    check_workers(settings, workers)
     check_initial_admin_key(settings.initial_admin_key)
     check_port_free(settings.host, settings.port)
     # Alembic announces its dialect on every connection; here that would only precede the sentence.

@@ -130,3 +130,12 @@ def test_an_invalid_initial_admin_key_is_one_sentence(tmp_path: Path) -> None:
     result = serve_in_a_process("--config", str(config), env={"LLAMA_GATEWAY_INITIAL_ADMIN_KEY": "sk-short"})
     assert_one_sentence(result, "Error: initial_admin_key (LLAMA_GATEWAY_INITIAL_ADMIN_KEY): a preset key must be")
     assert not (tmp_path / "gw.db").exists()
+
+
+def test_several_workers_without_redis_is_one_sentence(tmp_path: Path) -> None:
+    config = _scripted_config(tmp_path, f"sqlite+aiosqlite:///{tmp_path}/gw.db")
+    line = assert_one_sentence(
+        serve_in_a_process("--config", str(config), "--workers", "2"), "Error: --workers 2 needs redis_url"
+    )
+    assert "budget" in line
+    assert not (tmp_path / "gw.db").exists()

@@ -63,9 +63,15 @@ def _refused_while_draining(gateway: GatewayProcess) -> None:
     assert refused.json()["error"]["code"] == "shutting_down"
 
 
-def test_sigterm_during_a_stream_drains_and_exits_zero(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.redis)])
+def test_sigterm_during_a_stream_drains_and_exits_zero(
+    tmp_path: Path, workers: int, request: pytest.FixtureRequest
+) -> None:
+    # With several workers (which share limits through Redis), SIGTERM goes to the parent, which
+    # passes it on to each worker.
+    shared = {"redis_url": request.getfixturevalue("redis_server")} if workers > 1 else {}
     model = scripted_model(reply=TWENTY_WORDS, token_delay_ms=100)
-    with gateway_process(tmp_path, models=[model], drain_seconds=20) as gateway:
+    with gateway_process(tmp_path, models=[model], drain_seconds=20, workers=workers, **shared) as gateway:
         stream = StreamReader(gateway, max_tokens=200)
         stream.start()
         assert stream.first_chunk.wait(10)

@@ -141,9 +141,10 @@ async def test_queue_depth_and_running_requests_are_live(live: LiveGateway) -> N
     assert sample(after, "llama_gateway_running_requests", model="slow") == 0
 
 
-def test_several_workers_report_one_aggregate(tmp_path: Path) -> None:
+@pytest.mark.redis
+def test_several_workers_report_one_aggregate(tmp_path: Path, redis_server: str) -> None:
     model = scripted_model(token_delay_ms=20)
-    with gateway_process(tmp_path, models=[model], workers=2) as gateway:
+    with gateway_process(tmp_path, models=[model], workers=2, redis_url=redis_server) as gateway:
         sent = 0
 
         def one(_: int) -> None:
