@@ -157,7 +157,9 @@ class UpstreamProtocol(asyncio.Protocol):
     async def _paced(self, transport: asyncio.Transport, chat: bool) -> None:
         transport.write(STREAM_HEAD)
         for event in EVENTS[chat]:
-            await asyncio.sleep(self._interval)
+            # A chat stream's role chunk goes at once, as servers send it; each token a beat later.
+            if b'"role"' not in event:
+                await asyncio.sleep(self._interval)
             if transport.is_closing():
                 return
             transport.write(_chunk(event))

@@ -6,6 +6,7 @@ One run starts, each in a process of its own:
 - the gateway in front of them (``llama-gateway serve``, the ``openai`` backend, the ``llama-2``
   template with the bundled tokenizer, usage recording on, info logs to a file), once on SQLite and
   once on PostgreSQL, each with a user key that has limits and a budget, as a paying client has;
+  then on SQLite with limits in Redis, as one worker and as ``--workers N`` (N: the core count);
 - wrk as the load generator (non-streamed and streamed chat completions, c = 1, 16, 64).
 
 Each measurement runs direct, SQLite and PostgreSQL back to back, so machine noise hits all three
@@ -14,7 +15,7 @@ at c=1, and, for streams from the paced upstream, time to first content and inte
 Afterwards it counts the usage rows of each database: every request a client got whole must have
 its row (requests that wrk cut off at the end of a run may add a row each, billed as they ended).
 
-    python -m bench.overhead [--seconds 5] [--json results.json] [--no-postgres]
+    python -m bench.overhead [--seconds 5] [--json results.json] [--no-postgres] [--workers N]
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ BODY = {
     "max_tokens": 32,
 }
 CONCURRENCIES = (1, 16, 64)
+REDIS_URL = os.environ.get("LLAMA_GATEWAY_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_DATABASE = 13
+"""A Redis database of its own: the keys the benchmark creates are new, nothing else is touched."""
 POSTGRES_URL = os.environ.get(
     "LLAMA_GATEWAY_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/postgres"
 )
@@ -144,28 +148,44 @@ async def _user_key(gateway: ChildGateway) -> str:
     return key
 
 
-async def _gateway(stack: AsyncExitStack, name: str, database_url: str, models: list[ModelConfig]) -> Target:
+async def _gateway(
+    stack: AsyncExitStack, name: str, database_url: str, models: list[ModelConfig], **settings: Any
+) -> Target:
     directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"overhead-{name}-")))
     gateway = await stack.enter_async_context(
-        child_gateway(directory, models, ADMIN_KEY, database_url=database_url, data_dir=str(directory / "data"))
+        child_gateway(
+            directory, models, ADMIN_KEY, database_url=database_url, data_dir=str(directory / "data"), **settings
+        )
     )
     return Target(name, gateway.base_url, await _user_key(gateway), database_url)
 
 
-async def measure(seconds: float, postgres: bool, streams: int) -> dict[str, Any]:
+def _sqlite_url(stack: AsyncExitStack) -> str:
+    directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="overhead-db-")))
+    return f"sqlite+aiosqlite:///{directory / 'usage.db'}"
+
+
+async def measure(seconds: float, postgres: bool, workers: int, streams: int) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         instant = await stack.enter_async_context(upstream(0))
         paced = await stack.enter_async_context(upstream(PACED_INTERVAL_MS))
         models = _models(instant, paced)
         targets = [Target("direct", instant)]
-        sqlite_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="overhead-db-")))
-        targets.append(await _gateway(stack, "sqlite", f"sqlite+aiosqlite:///{sqlite_dir / 'usage.db'}", models))
+        targets.append(await _gateway(stack, "sqlite", _sqlite_url(stack), models))
         if postgres:
             databases = ScratchDatabases(POSTGRES_URL)
             stack.push_async_callback(databases.drop_all)
             url = databases.url(await databases.create("bench_overhead"))
             await upgrade_database(url)
             targets.append(await _gateway(stack, "postgresql", url, models))
+        if workers > 1:
+            # Several workers share limits through Redis; one worker with the same Redis is their baseline.
+            for count in (1, workers):
+                redis_url = f"{REDIS_URL.rstrip('/')}/{REDIS_DATABASE}"
+                name = f"sqlite+redis x{count}"
+                targets.append(
+                    await _gateway(stack, name, _sqlite_url(stack), models, redis_url=redis_url, workers=count)
+                )
 
         runs: list[dict[str, Any]] = []
         for stream in (False, True):
@@ -221,7 +241,7 @@ def _run_line(run: dict[str, Any]) -> str:
 def report(results: dict[str, Any]) -> str:
     runs = results["runs"]
     by_key = {(r["target"], r["stream"], r["connections"]): r for r in runs}
-    gateways = sorted({r["target"] for r in runs} - {"direct"}, key=lambda n: n != "sqlite")
+    gateways = list(dict.fromkeys(r["target"] for r in runs if r["target"] != "direct"))
     lines = ["## Requests/s and latency (wrk, chat completions, one process each)", ""]
     lines.append("| mode | c | target | req/s | p50 ms | p99 ms | p99/p50 | p50 added ms | non-2xx |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -239,6 +259,16 @@ def report(results: dict[str, Any]) -> str:
                     f"{run['p50_us'] / 1000:.2f} | {run['p99_us'] / 1000:.2f} | {ratio:.1f} | {added} | "
                     f"{run['non_2xx'] + run['connect_errors'] + run['read_errors'] + run['timeouts']} |"
                 )
+    scaled = sorted({r["target"] for r in runs if r["target"].startswith("sqlite+redis x")} - {"sqlite+redis x1"})
+    if scaled and any(r["target"] == "sqlite+redis x1" for r in runs):
+        lines += ["", "## Workers (SQLite, limits in Redis): req/s against one worker", ""]
+        for name in scaled:
+            for stream in (False, True):
+                for connections in CONCURRENCIES[1:]:
+                    one = by_key[("sqlite+redis x1", stream, connections)]["per_second"]
+                    many = by_key[(name, stream, connections)]["per_second"]
+                    mode = "stream" if stream else "json"
+                    lines.append(f"- {name} {mode} c={connections}: {many:.0f} vs {one:.0f} req/s = {many / one:.2f}x")
     lines += ["", f"## One stream at a time, upstream chunks {PACED_INTERVAL_MS:g} ms apart", ""]
     lines.append(
         "| target | first byte p50 ms | first content p50 ms | added | gap p50 ms | gap p99 ms | gap mean ms |"
@@ -280,10 +310,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run")
     parser.add_argument("--streams", type=int, default=200, help="paced streams timed one after another")
     parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="also serve with this many workers (needs Redis)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     started = time.monotonic()
-    results = asyncio.run(measure(args.seconds, not args.no_postgres, args.streams))
+    results = asyncio.run(measure(args.seconds, not args.no_postgres, args.workers, args.streams))
     results["machine"] = _machine()
     results["wall_s"] = round(time.monotonic() - started, 1)
     print()

@@ -66,7 +66,7 @@ class ChildGateway:
 
 @contextlib.asynccontextmanager
 async def child_gateway(
-    directory: Path, models: list[ModelConfig], admin_key: str, **settings: Any
+    directory: Path, models: list[ModelConfig], admin_key: str, *, workers: int = 1, **settings: Any
 ) -> AsyncIterator[ChildGateway]:
     """Serve until the block ends (SIGTERM then), from ``directory/gateway.yaml``; output to ``gateway.log``."""
     port = free_port()
@@ -83,6 +83,8 @@ async def child_gateway(
             "serve",
             "--config",
             str(config_path),
+            "--workers",
+            str(workers),
             stdout=log,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
