@@ -129,8 +129,9 @@ class UsageRecorder:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((entry, future))
         self._wakeup.set()
-        # A client that disconnects cancels its request task; the row must be written regardless.
-        await asyncio.shield(future)
+        # A client that disconnects cancels its request task, and so this future: the entry stays
+        # queued and is written regardless (the writer skips resolving a cancelled future).
+        await future
 
     async def aclose(self) -> None:
         """Stop taking entries and wait until every queued one is committed, spooled or reported.
