@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # A native llama.cpp build picks CPU kernels (AMX) that crash on some hosts; portable kernels are safe.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 
-.PHONY: install serve test lint typecheck bench bench-formats bench-faults
+.PHONY: install serve test lint typecheck bench bench-formats bench-faults bench-overhead
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,3 +40,7 @@ bench-formats: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(BIN)/python -m bench.faults $(ARGS)
+
+bench-overhead: $(STAMP)
+	@command -v wrk >/dev/null || apt-get install -y wrk || { echo "bench-overhead needs wrk (Debian: apt-get install wrk)"; exit 1; }
+	$(BIN)/python -m bench.overhead $(ARGS)
