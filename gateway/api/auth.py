@@ -15,22 +15,21 @@ from typing import Any
 
 from litestar import Request
 from litestar.connection import ASGIConnection
-from litestar.types import Scope
 
 from gateway.accounting.keys import ApiKeyInfo
 from gateway.errors import ApiError
-from gateway.state import API_KEY_SCOPE_KEY, STATE_KEY, GatewayState
+from gateway.state import API_KEY_SCOPE_KEY, gateway_state
 
 PUBLIC = "public"
 ADMIN = "admin"
 _SCHEMES = ("bearer", "token")
 
 
-def _token(scope: Scope) -> str | None:
-    header = next((value for name, value in scope["headers"] if name.lower() == b"authorization"), None)
+def _token(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    header = connection.headers.get("authorization")
     if not header:
         return None
-    scheme, _, value = header.decode("latin-1").strip().partition(" ")
+    scheme, _, value = header.strip().partition(" ")
     if scheme.lower() not in _SCHEMES or not value.strip():
         return None
     return value.strip()
@@ -42,12 +41,11 @@ def _redacted(token: str) -> str:
 
 async def require_api_key(request: Request[Any, Any, Any]) -> None:
     """App-wide; routes with ``opt={"public": True}`` are open (health, readiness, metrics)."""
-    scope = request.scope
-    handler = scope["route_handler"]
+    handler = request.route_handler
     if handler.opt.get(PUBLIC):
         return
-    state: GatewayState = scope["app"].state[STATE_KEY]
-    token = _token(scope)
+    state = gateway_state(request)
+    token = _token(request)
     if token is None:
         raise ApiError(
             401,
@@ -57,7 +55,7 @@ async def require_api_key(request: Request[Any, Any, Any]) -> None:
     key = await state.accounting.keys.authenticate(token)
     if key is None:
         raise ApiError(401, f"Incorrect API key provided: {_redacted(token)}.", code="invalid_api_key")
-    scope["state"][API_KEY_SCOPE_KEY] = key
+    request.scope["state"][API_KEY_SCOPE_KEY] = key
     if handler.opt.get(ADMIN) and not key.is_admin:
         raise ApiError(
             403, "This route needs an API key with the admin scope.", type="permission_error", code="forbidden"

@@ -18,7 +18,7 @@ def main() -> None:
 @config_option
 @click.option("--host", default=None, help="Address to listen on (setting: host).")
 @click.option("--port", type=int, default=None, help="Port to listen on (setting: port).")
-@click.option("--workers", type=int, default=1, show_default=True, help="uvicorn worker processes.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="uvicorn worker processes.")
 def serve(config_path: str | None, host: str | None, port: int | None, workers: int) -> None:
     """Serve the OpenAI-compatible API with uvicorn."""
     from backends.base import BackendUnavailable

@@ -63,8 +63,6 @@ def check_initial_admin_key(preset: str | None) -> None:
 
 def check_workers(settings: Settings, workers: int) -> None:
     """Several workers are several replicas on one host: limits must live where all of them see them."""
-    if workers < 1:
-        raise StartupError(f"--workers must be 1 or more, not {workers}")
     if workers > 1 and not settings.redis_url:
         raise StartupError(
             f"--workers {workers} needs redis_url (LLAMA_GATEWAY_REDIS_URL): without it each worker keeps its "

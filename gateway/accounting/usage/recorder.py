@@ -213,8 +213,7 @@ class UsageRecorder:
 
     async def _commit(self, batch: list[_Pending]) -> BaseException | None:
         try:
-            async with asyncio.timeout(self._attempt_timeout):
-                refused = await self._writer.insert([entry for entry, _ in batch])
+            refused = await self._insert([entry for entry, _ in batch])
         except Exception as exc:
             self.failures += 1
             logger.warning("usage batch of %d rows failed: %s", len(batch), _describe(exc))

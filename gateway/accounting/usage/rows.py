@@ -1,7 +1,7 @@
 """The one statement the recorder runs: insert a batch of usage rows, exactly once each.
 
-``insert_rows`` is the statement and its check, written once against a synchronous SQLAlchemy
-connection. Writers run it where it costs least, since it sits on every request's path:
+``insert_rows`` is the statement and its check against a synchronous SQLAlchemy connection.
+Writers run it where it costs least, since it sits on every request's path:
 
 - ``SqliteRowWriter``: the same statement, written out, on a connection of its own in one thread,
   so a batch is one hop from the event loop to that thread and back (through aiosqlite every call
