@@ -22,6 +22,9 @@ from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length"]
 
+MAX_TOP_LOGPROBS = 20
+"""The most alternatives a request may ask for per token (OpenAI's own limit)."""
+
 
 class BackendError(Exception):
     """A backend could not serve a request."""
@@ -66,6 +69,44 @@ class GenerationRequest:
     continuation: bool = False
     """The text continues the prompt (legacy completions): keep the first token's leading space,
     which a chat reply drops as Meta's reference decode does."""
+    constraint: Constraint | None = None
+    """A grammar every sampled token must keep the reply within (structured output, tool calls)."""
+    logprobs: int | None = None
+    """Report each sampled token's log-probability and this many most likely alternatives
+    (0 to ``MAX_TOP_LOGPROBS``); ``None`` reports none."""
+    prompt_logprobs: int | None = None
+    """Also report the prompt's tokens' log-probabilities (legacy completions' ``echo``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """A grammar the reply must match, compiled once by the gateway for every backend.
+
+    ``grammar`` is an llguidance grammar (``llguidance.LLMatcher.grammar_from_*``), which the
+    local engines enforce token by token. ``source`` says where it came from, in the fields
+    vLLM and this gateway accept on ``/v1/completions`` (``guided_json``, ``guided_regex`` or
+    ``guided_grammar``), so a remote worker can enforce the same thing.
+    """
+
+    grammar: str
+    source: Mapping[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled (or prompt) token's log-probability, and its most likely alternatives.
+
+    Values are natural logarithms of the engine's distribution after ``logit_bias`` and the
+    constraint's mask, before penalties, temperature, truncation (top-k, top-p, min-p) and the
+    ``min_tokens`` end-of-sequence ban, so they do not depend on how the token was picked. A
+    prompt's values are the model's raw distribution. ``logprob`` is ``None`` only for a prompt's
+    first token.
+    """
+
+    token_bytes: bytes
+    logprob: float | None
+    top: tuple[tuple[bytes, float], ...] = ()
+    token_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +122,10 @@ class TokenDelta:
     finish_reason: FinishReason | None = None
     token_count: int | None = None
     """Tokens this delta stands for, when the engine reports counts but not ids (a remote worker)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per token of this delta when the request asked for log-probabilities."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """On the first delta only, when the request asked for the prompt's log-probabilities."""
 
     @property
     def tokens(self) -> int:
@@ -96,6 +141,9 @@ class BackendCapabilities:
     context_length: int
     supports_logit_bias: bool = True
     supports_seed: bool = True
+    supports_constraints: bool = False
+    supports_logprobs: bool = False
+    supports_prompt_logprobs: bool = False
 
 
 @runtime_checkable

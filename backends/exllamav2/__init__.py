@@ -11,6 +11,7 @@ Modules, each importing only those above it::
     sampling      sampler settings and logit bias from a request
     detokenizer   text deltas from released token ids
     engine        flash-attn, the model directory, importing torch and exllamav2
+    guidance      constraints and logprobs: an llguidance-driven filter per job
     messages      what the event loop and the generator thread send each other
     worker        the generator thread
     backend       `ExLlamaV2Backend`

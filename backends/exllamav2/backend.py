@@ -32,6 +32,8 @@ class ExLlamaV2Backend:
         self._capabilities = BackendCapabilities(
             max_concurrency=self._options.max_batch_size if paged else 1,
             context_length=min(config.context_length, self._options.max_seq_len),
+            supports_constraints=True,
+            supports_logprobs=True,
         )
 
     @property
@@ -71,9 +73,12 @@ class ExLlamaV2Backend:
                 f"model {self._config.name!r}: exllamav2 could not load {model_dir}: {engine.first_line(exc)}"
             ) from exc
         self._thread, self._loaded, self._decode = thread, loaded, decode
+        guided = loaded.grammar_tokenizer is not None
         self._capabilities = BackendCapabilities(
             max_concurrency=loaded.max_batch_size,
             context_length=min(self._config.context_length, self._options.max_seq_len),
+            supports_constraints=guided,
+            supports_logprobs=guided,
         )
         if loaded.paged:
             logger.info(
@@ -124,10 +129,14 @@ class ExLlamaV2Backend:
                 if event.finish_reason is not None:
                     finished = True
                     yield TokenDelta(
-                        delta + text.flush(), event.token_ids, event.finish_reason, token_count=event.generated
+                        delta + text.flush(),
+                        event.token_ids,
+                        event.finish_reason,
+                        token_count=event.generated,
+                        logprobs=event.logprobs,
                     )
                     return
-                yield TokenDelta(delta, event.token_ids, token_count=event.generated)
+                yield TokenDelta(delta, event.token_ids, token_count=event.generated, logprobs=event.logprobs)
         finally:
             if not finished:
                 thread.cancel(key)

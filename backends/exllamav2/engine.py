@@ -65,6 +65,7 @@ def import_engine(model_name: str) -> SimpleNamespace:
     try:
         exllamav2 = importlib.import_module("exllamav2")
         generator = importlib.import_module("exllamav2.generator")
+        filters = importlib.import_module("exllamav2.generator.filters")
         attn = importlib.import_module("exllamav2.attn")
     except Exception as exc:
         raise BackendUnavailable(f"{prefix} could not import exllamav2: {first_line(exc)}") from exc
@@ -74,6 +75,7 @@ def import_engine(model_name: str) -> SimpleNamespace:
         Generator=generator.ExLlamaV2DynamicGenerator,
         Job=generator.ExLlamaV2DynamicJob,
         Settings=generator.ExLlamaV2Sampler.Settings,
+        Filter=filters.ExLlamaV2Filter,
         has_paged_attention=bool(attn.has_flash_attn_with_paged),
     )
 

@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from backends.base import FinishReason, GenerationRequest
+from backends.base import FinishReason, GenerationRequest, TokenLogprob
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,8 @@ class Tokens:
     finish_reason: FinishReason | None = None
     generated: int = 0
     """Tokens sampled since the previous event, released or held: what the request is billed."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """One entry per token of ``token_ids`` when the request asked for log-probabilities."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,8 @@ class JobRequest:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Event]
     job: Any = None
+    guide: Any = None
+    """The job's `TokenGuide` (constraint, logprobs), when it has one."""
     counted: int = 0
     """Sampled tokens already reported, from the job's own count (held tokens included)."""
 
@@ -67,3 +71,5 @@ class Loaded:
     vocab_size: int
     eos_token_id: int
     devices: list[str] = field(default_factory=list)
+    grammar_tokenizer: Any = None
+    """llguidance's tokenizer for constraints and logprobs; None when it could not read tokenizer.json."""

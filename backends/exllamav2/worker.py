@@ -19,6 +19,7 @@ from typing import Any
 
 from backends.base import BackendUnavailable, FinishReason, GenerationFailed, GenerationRequest
 from backends.exllamav2.engine import first_line
+from backends.exllamav2.guidance import grammar_tokenizer, guide_for, guided_filter_class
 from backends.exllamav2.messages import Cancel, Command, Event, Failure, JobRequest, Loaded, Stop, Tokens, deliver
 from backends.exllamav2.options import CACHE_CLASSES, DEFAULT_CHUNK_SIZE, ExLlamaV2Options
 from backends.exllamav2.sampling import sampler_settings_kwargs
@@ -40,7 +41,9 @@ class GeneratorThread:
         self._active: dict[int, JobRequest] = {}
         self._thread = threading.Thread(target=self._run, name=f"exllamav2-{name}", daemon=True)
         self._model: Any = None
+        self._tokenizer: Any = None
         self._generator: Any = None
+        self._filter_class: type | None = None
 
     async def start(self) -> Loaded:
         self._thread.start()
@@ -134,15 +137,25 @@ class GeneratorThread:
             paged=paged,
         )
         generator.warmup()
-        self._generator = generator
+        self._generator, self._tokenizer = generator, tokenizer
+        self._filter_class = guided_filter_class(e.Filter)
         devices = sorted({str(p.device) for p in _cache_tensors(cache)})
+        vocab_size, eos = int(config.vocab_size), int(tokenizer.eos_token_id)
         return Loaded(
             paged=paged,
             max_batch_size=batch_size,
-            vocab_size=int(config.vocab_size),
-            eos_token_id=int(tokenizer.eos_token_id),
+            vocab_size=vocab_size,
+            eos_token_id=eos,
             devices=devices,
+            grammar_tokenizer=self._grammar_tokenizer(vocab_size, eos),
         )
+
+    def _grammar_tokenizer(self, vocab_size: int, eos: int) -> Any:
+        try:
+            return grammar_tokenizer(self._model_dir / "tokenizer.json", vocab_size, eos)
+        except Exception as exc:  # the model still serves requests without constraints or logprobs
+            logger.warning("model %s: llguidance cannot read its tokenizer.json (%s)", self._name, first_line(exc))
+            return None
 
     def _reserve_bytes(self) -> list[int] | int | None:
         reserve = self._options.reserve_vram_gb
@@ -197,6 +210,7 @@ class GeneratorThread:
                 self._generator.cancel(cancelled.job)
             return
         try:
+            command.guide = guide_for(loaded.grammar_tokenizer, command.request)
             command.job = self._make_job(command, loaded)
             self._generator.enqueue(command.job)
         except Exception as exc:
@@ -214,6 +228,9 @@ class GeneratorThread:
             for token, value in command.logit_bias:
                 token_bias[token] = value
             settings.token_bias = token_bias
+        job_options: dict[str, Any] = {}
+        if command.guide is not None and self._filter_class is not None:
+            job_options["filters"] = [self._filter_class(self._model, self._tokenizer, command.guide)]
         return e.Job(
             input_ids=e.torch.tensor([list(command.request.prompt_ids)], dtype=e.torch.long),
             max_new_tokens=sampling.max_tokens,
@@ -223,6 +240,7 @@ class GeneratorThread:
             stop_conditions=[loaded.eos_token_id],
             decode_special_tokens=False,
             identifier=command.key,
+            **job_options,
         )
 
     def _dispatch(self, results: list[dict[str, Any]], loaded: Loaded) -> None:
@@ -252,7 +270,9 @@ class GeneratorThread:
             request.counted += generated
             if not token_ids and not generated and finish is None:
                 continue
-            event = Tokens(tuple(token_ids), finish, generated)
+            # The guide recorded every sampled token in order, the stop token last: it is left over.
+            logprobs = request.guide.take(len(token_ids)) if request.guide is not None else ()
+            event = Tokens(tuple(token_ids), finish, generated, logprobs)
             batches.setdefault(request.loop, []).append((request.events, event))
         for loop, batch in batches.items():
             _post(loop, batch)

@@ -1,21 +1,26 @@
 """llama.cpp on the CPU, through llama-cpp-python.
 
 Each slot is one ``Llama`` context with a dedicated worker thread, so a forward pass never
-runs on the event loop. The sampler chain is built here, per request, with every setting
-explicit, rather than through ``Llama.generate`` whose defaults (top_k 40, min_p 0.05, ...)
-are not neutral and whose Python logits-processor hook cannot express ``min_tokens``.
+runs on the event loop. Modules, each importing only those below it::
+
+    backend         `LlamaCppBackend`: options, slots, the stream of deltas
+    generation      one generation on one context: sampler chain, prefix reuse, the token loop
+    grammar         constraints: llguidance's token mask written into the logits
+    prompt_scoring  a prompt's own log-probabilities, read chunk by chunk
+    logprobs        log-probabilities and alternatives from a row of logits
+    pieces          a token's bytes
+    weights         the GGUF in another compute format, converted once
+    log_routing     llama.cpp's log lines into Python logging
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
-import ctypes
+import contextlib
 import importlib.util
 import logging
-import random
 import threading
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
@@ -25,22 +30,18 @@ from backends.base import (
     BackendUnavailable,
     GenerationFailed,
     GenerationRequest,
-    SamplingParams,
     TokenDelta,
     WeightsProgress,
 )
 from backends.config import BackendConfig, WeightsFormat
+from backends.llamacpp.generation import generate_blocking
+from backends.llamacpp.grammar import GrammarTokenizer
 from backends.llamacpp.log_routing import route_llama_cpp_logs
 from backends.llamacpp.weights import ConversionError, ensure_converted, sha256_of
 
 logger = logging.getLogger(__name__)
 
 _FORMATS: tuple[str, ...] = get_args(WeightsFormat)
-
-# Penalties look back over this many tokens, as llama.cpp's own server does by default.
-PENALTY_LAST_N = 64
-_NEG_INF = float("-inf")
-_PIECE_BUFFER_SIZE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +91,13 @@ class LlamaCppBackend:
         self._weights_dir = weights_dir
         self._slots: asyncio.Queue[_Slot] | None = None
         self._all_slots: list[_Slot] = []
+        self._grammar_tokenizer = GrammarTokenizer()
         self._capabilities = BackendCapabilities(
             max_concurrency=config.max_concurrency,
             context_length=min(config.context_length, self._options.n_ctx),
+            supports_constraints=True,
+            supports_logprobs=True,
+            supports_prompt_logprobs=True,
         )
 
     @property
@@ -162,8 +167,12 @@ class LlamaCppBackend:
             self._slots.put_nowait(slot)
 
     async def stop(self) -> None:
-        for slot in self._all_slots:
-            with slot.lock:
+        # Every slot is held before any model closes: the grammar tokenizer reads one of them.
+        with contextlib.ExitStack() as held:
+            for slot in self._all_slots:
+                held.enter_context(slot.lock)
+            self._grammar_tokenizer.clear()
+            for slot in self._all_slots:
                 slot.llama.close()
         self._all_slots.clear()
         self._slots = None
@@ -182,7 +191,9 @@ class LlamaCppBackend:
         def run() -> None:
             with slot.lock:
                 try:
-                    _generate_blocking(slot.llama, request, cancelled.is_set, emit)
+                    generate_blocking(slot.llama, request, self._grammar_tokenizer, cancelled.is_set, emit)
+                except GenerationFailed as exc:  # already says what failed (a grammar, say)
+                    emit(exc)
                 except Exception as exc:  # reported to the awaiting coroutine, never lost
                     emit(GenerationFailed(f"llama.cpp failed: {exc}"))
 
@@ -201,121 +212,3 @@ class LlamaCppBackend:
                     break
         finally:
             cancelled.set()
-
-
-def _build_sampler(llama: Any, sampling: SamplingParams, seed: int, ban_eos: bool) -> Any:
-    from llama_cpp import _internals
-
-    sampler = _internals.LlamaSampler()
-    n_vocab = llama.n_vocab()
-    bias = {int(token): float(value) for token, value in sampling.logit_bias.items()}
-    if ban_eos:
-        bias[llama.token_eos()] = _NEG_INF
-    if bias:
-        sampler.add_logit_bias(n_vocab, bias)
-    sampler.add_penalties(
-        n_vocab=n_vocab,
-        penalty_last_n=PENALTY_LAST_N,
-        penalty_repeat=sampling.repetition_penalty,
-        penalty_freq=sampling.frequency_penalty,
-        penalty_present=sampling.presence_penalty,
-    )
-    if sampling.temperature == 0:
-        sampler.add_greedy()
-        return sampler
-    if sampling.top_k > 0:
-        sampler.add_top_k(sampling.top_k)
-    if sampling.top_p < 1:
-        sampler.add_top_p(sampling.top_p, 1)
-    if sampling.min_p > 0:
-        sampler.add_min_p(sampling.min_p, 1)
-    sampler.add_temp(sampling.temperature)
-    sampler.add_dist(seed)
-    return sampler
-
-
-def _reuse_prefix(llama: Any, prompt: Sequence[int]) -> list[int]:
-    """Keep the KV cache for the prompt's longest cached prefix; return what is left to evaluate."""
-    cached = llama.n_tokens
-    common = 0
-    limit = min(cached, len(prompt) - 1)  # at least one token is evaluated to refresh the logits
-    input_ids = llama.input_ids
-    while common < limit and input_ids[common] == prompt[common]:
-        common += 1
-    if common and llama._ctx.kv_cache_seq_rm(-1, common, -1):
-        llama.n_tokens = common
-        return list(prompt[common:])
-    llama.reset()
-    return list(prompt)
-
-
-def _token_bytes(lib: Any, vocab: Any, token: int, buffer: ctypes.Array[ctypes.c_char]) -> bytes:
-    """The raw bytes of one token's piece (it may hold part of a UTF-8 character)."""
-    n = lib.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
-    if n < 0:
-        raise GenerationFailed(f"token {token} does not fit a {len(buffer)}-byte piece buffer")
-    return buffer.raw[:n]
-
-
-def _generate_blocking(
-    llama: Any,
-    request: GenerationRequest,
-    is_cancelled: Callable[[], bool],
-    emit: Callable[[TokenDelta | BaseException], None],
-) -> None:
-    from llama_cpp import llama_cpp as lib
-
-    sampling = request.sampling
-    seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-    eos = llama.token_eos()
-    # SentencePiece vocabularies put a space before the first word; Meta's reference decode
-    # drops it from the reply, and so do we.
-    strip_first_space = (
-        not request.continuation and lib.llama_vocab_type(llama._model.vocab) == lib.LLAMA_VOCAB_TYPE_SPM
-    )
-    eos_ban = _build_sampler(llama, sampling, seed, ban_eos=True) if sampling.min_tokens > 0 else None
-    sampler = _build_sampler(llama, sampling, seed, ban_eos=False)
-    # Penalties see the prompt's last tokens too, as llama.cpp's server, vLLM and HF apply them.
-    for token in request.prompt_ids[-PENALTY_LAST_N:]:
-        sampler.accept(token)
-        if eos_ban is not None:
-            eos_ban.accept(token)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    piece_buffer = ctypes.create_string_buffer(_PIECE_BUFFER_SIZE)
-    pending_ids: list[int] = []
-    produced = 0
-    started_text = False
-    to_eval = _reuse_prefix(llama, request.prompt_ids)
-    try:
-        while True:
-            if is_cancelled():
-                return
-            llama.eval(to_eval)
-            active = eos_ban if eos_ban is not None and produced < sampling.min_tokens else sampler
-            token = active.sample(llama._ctx, -1)
-            other = sampler if active is eos_ban else eos_ban
-            if other is not None:
-                other.accept(token)
-            if token == eos or lib.llama_vocab_is_eog(llama._model.vocab, token):
-                emit(TokenDelta(decoder.decode(b"", final=True), tuple(pending_ids), "stop"))
-                return
-            produced += 1
-            pending_ids.append(token)
-            text = decoder.decode(_token_bytes(lib, llama._model.vocab, token, piece_buffer))
-            if not started_text and text:
-                if strip_first_space and text.startswith(" "):
-                    text = text[1:]
-                started_text = True
-            finished = produced >= sampling.max_tokens or llama.n_tokens + 1 >= llama.n_ctx()
-            if finished:
-                text += decoder.decode(b"", final=True)
-            if text or finished:
-                emit(TokenDelta(text, tuple(pending_ids), "length" if finished else None))
-                pending_ids = []
-            if finished:
-                return
-            to_eval = [token]
-    finally:
-        sampler.close()
-        if eos_ban is not None:
-            eos_ban.close()

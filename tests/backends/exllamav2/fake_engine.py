@@ -12,9 +12,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
+import numpy as np
+
 from backends.config import BackendConfig
 
 EOS = 2
+VOCAB_SIZE = 32000
+PADDED_VOCAB_SIZE = 32032
+SCRIPTED_LOGIT = 10.0
+"""The scripted token's logit in the rows filters see; every other token's is 0."""
 
 # `ExLlamaV2Sampler.Settings` of exllamav2 0.3.2, field by field with its default.
 EXLLAMAV2_SETTINGS_DEFAULTS: dict[str, Any] = {
@@ -117,11 +123,13 @@ class FakeJob:
         stop_conditions: list[int] | None = None,
         decode_special_tokens: bool = False,
         identifier: object = None,
+        filters: list[Any] | None = None,
     ) -> None:
         self.input_ids, self.max_new_tokens, self.min_new_tokens = input_ids, max_new_tokens, min_new_tokens
         self.gen_settings, self.seed, self.identifier = gen_settings, seed, identifier
         self.stop_tokens = set(stop_conditions or [])
         self.decode_special_tokens = decode_special_tokens
+        self.filters = filters or []
         self.new_tokens = 0
         self.held: list[int] = []
         self.script: Iterator[int] = iter(())
@@ -189,7 +197,9 @@ class FakeGenerator:
             token = next(job.script)
             if token == -1:
                 token = 1000
-            if job.new_tokens < job.min_new_tokens and token in job.stop_tokens:
+            if job.filters:
+                token = _sample_through_filters(job, token)
+            elif job.new_tokens < job.min_new_tokens and token in job.stop_tokens:
                 token = 1001
             job.new_tokens += 1
             job.held.append(token)
@@ -209,6 +219,41 @@ class FakeGenerator:
                 self.active.remove(job)
             results.append(result)
         return results
+
+
+class FakeFilter:
+    """`ExLlamaV2Filter`'s constructor; `_sample_through_filters` calls the rest as exllamav2 does."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+
+class FakeLogits:
+    def __init__(self, row: np.ndarray[Any, Any]) -> None:
+        self.row = row
+
+    def numpy(self) -> np.ndarray[Any, Any]:
+        return self.row
+
+
+def _sample_through_filters(job: FakeJob, scripted: int) -> int:
+    """exllamav2 0.3.2's sampler with filters that mask logits: a row favouring the scripted token,
+    stop tokens banned below min_new_tokens, each filter's mask, then greedy; every filter is fed."""
+    row = np.zeros(PADDED_VOCAB_SIZE, dtype=np.float32)
+    row[scripted] = SCRIPTED_LOGIT
+    if job.new_tokens < job.min_new_tokens:
+        row[list(job.stop_tokens)] = -1e30
+    for f in job.filters:
+        if job.new_tokens == 0:
+            f.begin("")
+        assert f.can_mask_logits()
+        assert f.prepare_logit_mask()
+        f.mask_logits(FakeLogits(row))
+    row[VOCAB_SIZE:] = -np.inf
+    token = int(np.argmax(row))
+    for f in job.filters:
+        f.feed(token)
+    return token
 
 
 def _complete_utf8(data: list[int]) -> bool:
@@ -284,5 +329,6 @@ def fake_engine(calls: list[tuple[Any, ...]], *, paged_attention: bool = False) 
         Generator=FakeGenerator,
         Job=FakeJob,
         Settings=FakeSettings,
+        Filter=FakeFilter,
         has_paged_attention=paged_attention,
     )

@@ -6,81 +6,16 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from backends.base import BackendUnavailable, GenerationRequest, SamplingParams, TokenDelta
-from backends.config import BackendConfig
+from backends.base import BackendUnavailable, GenerationRequest, SamplingParams
 from backends.llamacpp.backend import LlamaCppBackend
 from gateway.serving.tokenizers import GGUFTokenizer, SentencePieceTokenizer
-from gateway.settings import EMBEDDED_GGUF_SHA256, embedded_model_path
-from tests.support.embedded import DirectEngine, shared_data_dir
-
-CONTEXT = 1024
-
-
-def config(path: Path, **changes: Any) -> BackendConfig:
-    fields: dict[str, Any] = {
-        "name": "model",
-        "path": str(path),
-        "context_length": CONTEXT,
-        "options": {"n_ctx": CONTEXT},
-    }
-    return BackendConfig(**(fields | changes))
-
-
-def embedded_config(compute_format: str = "f16", **options: Any) -> BackendConfig:
-    """The bundled SmolLM2 as the embedded default serves it: F16 from the shipped Q4_1 file."""
-    fields = {"n_ctx": CONTEXT, "compute_format": compute_format, "sha256": EMBEDDED_GGUF_SHA256} | options
-    return config(embedded_model_path(), options=fields)
-
-
-@pytest.fixture(scope="module")
-def weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return shared_data_dir(tmp_path_factory) / "weights"
-
-
-@pytest.fixture(scope="module")
-async def smollm(weights_dir: Path) -> AsyncIterator[LlamaCppBackend]:
-    backend = LlamaCppBackend(embedded_config(), weights_dir=weights_dir)
-    await backend.start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture(scope="module")
-async def tiny(tiny_model_dir: Path) -> AsyncIterator[LlamaCppBackend]:
-    backend = LlamaCppBackend(config(tiny_model_dir / "model.gguf"))
-    await backend.start()
-    yield backend
-    await backend.stop()
-
-
-@pytest.fixture(scope="module")
-def vocab() -> GGUFTokenizer:
-    return GGUFTokenizer.from_file(embedded_model_path())
-
-
-def chat_ids(vocab: GGUFTokenizer, text: str) -> list[int]:
-    """SmolLM2's chat format around one user message."""
-    return vocab.encode_with_special(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
-
-
-async def generate(backend: LlamaCppBackend, prompt: list[int], **sampling: Any) -> list[TokenDelta]:
-    sampling.setdefault("max_tokens", 16)
-    request = GenerationRequest("test", prompt, SamplingParams(**sampling))
-    return [delta async for delta in backend.generate(request)]
-
-
-def ids(deltas: list[TokenDelta]) -> list[int]:
-    return [token for delta in deltas for token in delta.token_ids]
-
-
-def text(deltas: list[TokenDelta]) -> str:
-    return "".join(delta.text for delta in deltas)
+from gateway.settings import embedded_model_path
+from tests.backends.llamacpp.backend_support import CONTEXT, chat_ids, config, embedded_config, generate, ids, text
+from tests.support.embedded import DirectEngine
 
 
 async def test_greedy_answer_and_token_accounting(smollm: LlamaCppBackend, vocab: GGUFTokenizer) -> None:
