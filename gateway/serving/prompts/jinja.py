@@ -11,6 +11,7 @@ import functools
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -20,6 +21,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gateway.serving.prompts import Message, PromptError
 from gateway.serving.tokenizers import Tokenizer
+from gateway.serving.tools.convention import native_tool_messages
 from gateway.settings import ConfigError
 
 
@@ -66,8 +68,13 @@ def render_chat_template(
     bos_token: str,
     eos_token: str,
     add_generation_prompt: bool = True,
+    tools: Sequence[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text the template renders for ``messages``.
+
+    Assistant calls and ``tool`` results reach the template as Hugging Face templates expect
+    them (``native_tool_messages``), and ``tools`` (``tool_specs``) as the ``tools`` variable,
+    ``None`` when the request offers none, as ``transformers`` passes it.
 
     A template that rejects the messages (``raise_exception``, or failing on them) raises
     :class:`PromptError`.
@@ -75,7 +82,8 @@ def render_chat_template(
     compiled = compile_chat_template(template)
     try:
         return compiled.render(
-            messages=[{"role": m.role, "content": m.content} for m in messages],
+            messages=native_tool_messages(messages),
+            tools=list(tools) if tools is not None else None,
             bos_token=bos_token,
             eos_token=eos_token,
             add_generation_prompt=add_generation_prompt,
@@ -84,31 +92,34 @@ def render_chat_template(
         raise PromptError(f"the model's chat template rejected the messages: {exc}") from exc
 
 
-def _markers(count: int) -> list[str]:
+def _marker(index: int) -> str:
     # Private-use characters never occur in chat text in practice, and no template changes them.
-    return [f"\ue000{index}\ue001" for index in range(count)]
+    return f"\ue000{index}\ue001"
 
 
 def _render_with_content_spans(
-    template: str, messages: Sequence[Message], tokenizer: Tokenizer
+    template: str, messages: Sequence[Message], tokenizer: Tokenizer, tools: Sequence[dict[str, Any]] | None
 ) -> tuple[str, list[tuple[int, int]]]:
     """The rendered prompt and where each message's content lies in it.
 
-    Rendered with a marker in place of each content, then the contents put back. A template
-    that transforms contents (or branches on them) does not give back its own rendering that
-    way; then the whole text counts as the template's and no span is known.
+    Rendered with a marker in place of each (non-empty) content, then the contents put back,
+    each as written or JSON-escaped (a template may write a content with ``tojson``), whichever
+    the real rendering has there. A template that transforms contents (or branches on them)
+    does not give back its own rendering that way; then the whole text counts as the
+    template's and no span is known. Empty contents keep no marker: templates test contents for
+    emptiness (an assistant turn that only calls tools), and an empty text needs no span.
     """
     bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    markers = _markers(len(messages))
-    marked = render_chat_template(
-        template,
-        [Message(m.role, mark) for m, mark in zip(messages, markers, strict=True)],
-        bos_token=bos,
-        eos_token=eos,
-    )
-    real = render_chat_template(template, messages, bos_token=bos, eos_token=eos)
+    contents: dict[str, str] = {}
+    marked_messages: list[Message] = []
+    for index, message in enumerate(messages):
+        if message.content:
+            contents[_marker(index)] = message.content
+            message = replace(message, content=_marker(index))
+        marked_messages.append(message)
+    marked = render_chat_template(template, marked_messages, bos_token=bos, eos_token=eos, tools=tools)
+    real = render_chat_template(template, messages, bos_token=bos, eos_token=eos, tools=tools)
     pieces = re.split("(\ue000\\d+\ue001)", marked)
-    contents = {mark: m.content for mark, m in zip(markers, messages, strict=True)}
     parts: list[str] = []
     spans: list[tuple[int, int]] = []
     length = 0
@@ -117,26 +128,37 @@ def _render_with_content_spans(
         if content is None:
             parts.append(piece)
             length += len(piece)
-        else:
-            spans.append((length, length + len(content)))
-            parts.append(content)
-            length += len(content)
+            continue
+        escaped = json.dumps(content, ensure_ascii=False)[1:-1]
+        if not real.startswith(content, length) and real.startswith(escaped, length):
+            content = escaped
+        spans.append((length, length + len(content)))
+        parts.append(content)
+        length += len(content)
     text = "".join(parts)
     # Put back, the contents must give exactly what the template renders from them.
     return (text, spans) if text == real else (real, [])
 
 
-def build_jinja_prompt(template: str, messages: Sequence[Message], tokenizer: Tokenizer) -> list[int]:
+def build_jinja_prompt(
+    template: str,
+    messages: Sequence[Message],
+    tokenizer: Tokenizer,
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+) -> list[int]:
     """The prompt ids: the rendered template, with special-token text parsed only where the
     template wrote it.
 
     Text a user typed (``<|im_end|>``, ``</s>``) stays characters and cannot forge a turn or a
-    control token. Otherwise the ids equal tokenizing the whole rendered text with special tokens
-    parsed (as ``transformers`` does): the text is cut at the template's special tokens and each
-    piece between them is tokenized as plain text. BOS is present only where the template
-    renders it.
+    control token; that holds for every message's content, tool results included. Calls'
+    arguments and the ``tools`` are data the template formats (``tojson``), not contents: special
+    token text in them is parsed as the template's, as ``transformers`` would. Otherwise the ids
+    equal tokenizing the whole rendered text with special tokens parsed (as ``transformers``
+    does): the text is cut at the template's special tokens and each piece between them is
+    tokenized as plain text. BOS is present only where the template renders it.
     """
-    text, spans = _render_with_content_spans(template, messages, tokenizer)
+    text, spans = _render_with_content_spans(template, messages, tokenizer, tools)
     if not tokenizer.special_texts:
         return tokenizer.encode(text)
     special = re.compile("|".join(re.escape(t) for t in tokenizer.special_texts))
