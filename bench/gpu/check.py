@@ -8,7 +8,8 @@ Llama-2-7B-shaped model is written. Steps, each recorded whatever the others do:
                     inter-token latency, and the ratio to (1)
 3. hf_transformers  Hugging Face ``generate`` on the same weights
 4. bandwidth        decode tokens/s as a fraction of the memory-bandwidth limit
-5. conformance      chat (plain and streamed), stop sequences, cancellation, concurrent requests;
+5. conformance      chat (plain and streamed), stop sequences, cancellation, concurrent requests,
+                    a JSON schema, a forced tool call and logprobs;
                     paged batching reported as unavailable when flash-attn is missing
 
 Decode rates count the tokens after the first over the time from the first to the last, measured
@@ -22,6 +23,7 @@ import contextlib
 import gc
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -515,9 +517,8 @@ def gateway_stream(gateway: Gateway, check: Check) -> dict[str, Any]:
 
 
 def chat(client: Any, content: str, **kwargs: Any) -> Any:
-    return client.chat.completions.create(
-        model=MODEL_NAME, messages=[{"role": "user", "content": content}], temperature=0, **kwargs
-    )
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": content}], **kwargs)
 
 
 def collect_stream(client: Any, content: str, **kwargs: Any) -> tuple[str, str | None, Any]:
@@ -654,12 +655,83 @@ def conformance(gateway: Gateway) -> dict[str, Any]:
             "replies": replies,
         }
 
+    def json_schema() -> dict[str, Any]:
+        schema = {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 24},
+                "country": {"type": "string", "enum": ["France", "Germany", "Italy"]},
+                "landmarks": {"type": "array", "items": {"type": "string", "maxLength": 24}, "maxItems": 3},
+            },
+            "required": ["city", "country", "landmarks"],
+            "additionalProperties": False,
+        }
+        response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+        outcomes = []
+        for seed in range(3):
+            reply = chat(client, question, max_tokens=200, temperature=1, seed=seed, response_format=response_format)
+            choice = reply.choices[0]
+            try:
+                value = json.loads(choice.message.content or "")
+                valid = (
+                    set(value) == {"city", "country", "landmarks"}
+                    and value["country"] in schema["properties"]["country"]["enum"]
+                    and len(value["landmarks"]) <= 3
+                )
+            except ValueError:
+                valid = False
+            outcomes.append({"finish_reason": choice.finish_reason, "valid": valid,
+                             "completion_tokens": reply.usage.completion_tokens})  # fmt: skip
+        return {"passed": all(o["valid"] and o["finish_reason"] == "stop" for o in outcomes), "replies": outcomes}
+
+    def forced_tool_call() -> dict[str, Any]:
+        tool = {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 24}},
+                    "required": ["city"],
+                    "additionalProperties": False,
+                },
+            },
+        }
+        reply = chat(client, "What is the weather in Paris?", max_tokens=100, temperature=1, seed=1, tools=[tool],
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                     parallel_tool_calls=False)  # fmt: skip
+        calls = reply.choices[0].message.tool_calls or []
+        arguments = [json.loads(c.function.arguments) for c in calls]
+        return {
+            "passed": reply.choices[0].finish_reason == "tool_calls" and len(calls) == 1
+            and calls[0].function.name == "get_weather" and set(arguments[0]) == {"city"},
+            "finish_reason": reply.choices[0].finish_reason,
+            "arguments": arguments,
+        }  # fmt: skip
+
+    def logprobs() -> dict[str, Any]:
+        reply = chat(client, question, max_tokens=16, logprobs=True, top_logprobs=5)
+        entries = reply.choices[0].logprobs.content if reply.choices[0].logprobs else None
+        entries = entries or []
+        greedy_is_top = all(e.top_logprobs and abs(e.top_logprobs[0].logprob - e.logprob) < 1e-4 for e in entries)
+        mass_ok = all(sum(math.exp(t.logprob) for t in e.top_logprobs) <= 1 + 1e-4 for e in entries)
+        return {
+            "passed": len(entries) == reply.usage.completion_tokens and greedy_is_top and mass_ok,
+            "entries": len(entries),
+            "completion_tokens": reply.usage.completion_tokens,
+            "greedy_is_top": greedy_is_top,
+            "top_mass_at_most_1": mass_ok,
+        }
+
     record("chat", plain)
     record("chat_stream", streamed)
     record("stop_sequence", stop_sequence)
     record("eos_not_counted", eos_not_counted)
     record("cancellation", cancellation)
     record("concurrent_4", concurrent)
+    record("json_schema", json_schema)
+    record("forced_tool_call", forced_tool_call)
+    record("logprobs", logprobs)
     return {"passed": all(c.get("passed") for c in checks.values()), "checks": checks}
 
 

@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field, replace
 
-from backends.base import FinishReason, GenerationRequest, SamplingParams
+from backends.base import Constraint, FinishReason, GenerationRequest, SamplingParams, TokenLogprob
 from gateway.serving.queueing import Reservation
 from gateway.serving.registry import ModelRuntime
 from gateway.serving.stops import StopMatcher
@@ -25,6 +25,9 @@ class ChoiceEvent:
     index: int
     text: str
     finish_reason: FinishReason | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """The tokens sampled since the last event, when the request asked for log-probabilities."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -50,6 +53,9 @@ class Generation:
     """A choice got a slot and went to the engine: only then is the request billed."""
     reservation: Reservation | None = None
     """Slots promised at admission (``SlotQueue.reserve``); what is left is released at the end."""
+    constraint: Constraint | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -73,12 +79,24 @@ class Generation:
         async with self.reservation.slot() if self.reservation else self.runtime.queue.slot():
             self.reached_backend = True
             request = GenerationRequest(
-                self.request_id, self.prompt_ids, self._choice_sampling(index), continuation=self.continuation
+                self.request_id,
+                self.prompt_ids,
+                self._choice_sampling(index),
+                continuation=self.continuation,
+                constraint=self.constraint,
+                logprobs=self.logprobs,
+                prompt_logprobs=self.prompt_logprobs,
             )
             matcher = StopMatcher(self.stops)
             async with contextlib.aclosing(self.runtime.backend.generate(request)) as stream:
                 last_token_at: float | None = None
+                # Log-probabilities of tokens whose text the stop matcher still holds go out
+                # with the next event, so every event's text and tokens stay together.
+                logprobs: tuple[TokenLogprob, ...] = ()
+                prompt_logprobs: tuple[TokenLogprob, ...] = ()
                 async for delta in stream:
+                    logprobs += delta.logprobs
+                    prompt_logprobs += delta.prompt_logprobs
                     if delta.tokens:
                         now = time.monotonic()
                         if self.first_token_at is None:
@@ -91,14 +109,15 @@ class Generation:
                     if hit:
                         self.finish_reasons[index] = "stop"
                         self.stop_sequence_hit = True
-                        yield ChoiceEvent(index, text, "stop")
+                        yield ChoiceEvent(index, text, "stop", logprobs, prompt_logprobs)
                         return
                     if delta.finish_reason is not None:
                         self.finish_reasons[index] = delta.finish_reason
-                        yield ChoiceEvent(index, text + matcher.flush(), delta.finish_reason)
+                        yield ChoiceEvent(index, text + matcher.flush(), delta.finish_reason, logprobs, prompt_logprobs)
                         return
-                    if text:
-                        yield ChoiceEvent(index, text)
+                    if text or prompt_logprobs:
+                        yield ChoiceEvent(index, text, None, logprobs, prompt_logprobs)
+                        logprobs = prompt_logprobs = ()
 
     async def events(self) -> AsyncGenerator[ChoiceEvent]:
         """Events of all choices; with ``n > 1`` they interleave as the choices progress."""

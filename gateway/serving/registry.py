@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,22 @@ from gateway.serving.prompts.jinja import build_jinja_prompt
 from gateway.serving.prompts.llama2 import build_llama2_prompt
 from gateway.serving.queueing import SlotQueue
 from gateway.serving.tokenizers import Tokenizer, load_chat_template, load_tokenizer
+from gateway.serving.tools import FunctionTool, ToolChoice
+from gateway.serving.tools.convention import apply_tool_convention, tool_specs
+from gateway.serving.tools.formats import FORMATS, ToolCallFormat, detect_format
 from gateway.settings import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """The tools one request offers, and how this model is told of them and writes its calls."""
+
+    tools: tuple[FunctionTool, ...]
+    choice: ToolChoice
+    parallel: bool
+    format: ToolCallFormat
+    native: bool
+    """The model's own template renders the tools; otherwise the gateway's convention does."""
 
 
 def backend_config(model: ModelConfig) -> BackendConfig:
@@ -59,13 +75,30 @@ class ModelRuntime:
             return [Message("system", system), *messages]
         return list(messages)
 
-    def chat_prompt_ids(self, messages: Sequence[Message]) -> list[int]:
+    @functools.cached_property
+    def tool_prompting(self) -> tuple[ToolCallFormat, bool]:
+        """The format this model writes calls in, and whether its own template renders tools."""
+        if self.config.template == "jinja" and self.chat_template is not None:
+            detected = detect_format(self.chat_template)
+            if detected is not None:
+                configured = self.config.tool_call_format
+                return (FORMATS[configured] if configured else detected), True
+        return FORMATS["hermes"], False
+
+    def chat_prompt_ids(self, messages: Sequence[Message], tools: ToolPlan | None = None) -> list[int]:
+        """The prompt for ``messages``; ``tools`` are described to the model when given."""
         messages = self.with_default_system(messages)
+        native = self.tool_prompting[1]
+        if not native and (tools is not None or any(m.role == "tool" or m.tool_calls for m in messages)):
+            offered = tools.tools if tools is not None else ()
+            choice = tools.choice if tools is not None else ToolChoice("none")
+            messages = apply_tool_convention(messages, offered, choice)
         if self.config.template == "llama-2":
             return build_llama2_prompt(messages, self.tokenizer)
         if self.chat_template is None:
             raise ConfigError(f"model {self.name!r} has no chat template; use template: llama-2")
-        return build_jinja_prompt(self.chat_template, messages, self.tokenizer)
+        specs = tool_specs(tools.tools) if native and tools is not None else None
+        return build_jinja_prompt(self.chat_template, messages, self.tokenizer, tools=specs)
 
     def text_prompt_ids(self, text: str) -> list[int]:
         """A raw completion prompt: BOS where the model wants it, then the text as plain text."""

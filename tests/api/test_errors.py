@@ -94,7 +94,7 @@ def assert_envelope(error: openai.APIStatusError, status: int, *, param: str | N
         ),
         ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, "messages"),
         ({"messages": [{"role": "assistant", "content": "Hi"}]}, "messages"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
         ({"logprobs": True}, "logprobs"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
     ],

@@ -55,6 +55,40 @@ class DirectEngine:
     def decode(self, ids: Sequence[int]) -> str:
         return self._runtime.tokenizer.decode(ids)
 
+    def text_ids(self, text: str) -> list[int]:
+        """The prompt the gateway builds for a legacy completion of ``text``."""
+        return self._runtime.text_prompt_ids(text)
+
+    def logprobs(
+        self, context: Sequence[int], tokens: Sequence[int], top: int
+    ) -> list[tuple[bytes, float, list[tuple[bytes, float]]]]:
+        """For each of ``tokens`` after ``context``: its bytes, its log-probability and the ``top``
+        most likely (bytes, log-probability) pairs, from the engine's raw logits (log-softmax)."""
+        import ctypes
+
+        import numpy as np
+        from llama_cpp import llama_cpp as lib
+
+        llama = self._llama
+        vocab = llama._model.vocab
+        buffer = ctypes.create_string_buffer(256)
+
+        def piece(token: int) -> bytes:
+            n = lib.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)
+            return buffer.raw[:n]
+
+        llama.reset()
+        llama.eval(list(context))
+        results = []
+        for token in tokens:
+            logits = np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),)).astype(np.float64)
+            shifted = logits - logits.max()
+            logprobs = shifted - np.log(np.exp(shifted).sum())
+            order = [int(i) for i in np.lexsort((np.arange(len(logprobs)), -logprobs))[:top]]
+            results.append((piece(token), float(logprobs[token]), [(piece(i), float(logprobs[i])) for i in order]))
+            llama.eval([token])
+        return results
+
 
 def embedded_f16_path(data_dir: Path) -> Path:
     weights = ensure_converted(embedded_model_path(), "f16", data_dir / "weights", expected_sha256=EMBEDDED_GGUF_SHA256)

@@ -6,11 +6,12 @@ value is a 400 whose ``param`` names the field. ``null`` is the same as leaving 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
+from backends.base import MAX_TOP_LOGPROBS
 from gateway.errors import ApiError, echo, invalid_request
 
 MAX_CHOICES = 16
@@ -22,6 +23,8 @@ MAX_NAME_CHARS = 256
 MAX_STOP_CHARS = 1024
 MAX_LOGIT_BIAS = 1024
 MAX_INT32 = 2**31 - 1
+MAX_TOOLS = 128
+"""OpenAI's own limit on ``tools``."""
 
 Temperature = Annotated[float, Meta(ge=0, le=2)]
 Probability = Annotated[float, Meta(ge=0, le=1)]
@@ -39,19 +42,62 @@ class ContentPart(msgspec.Struct):
     text: str | None = None
 
 
+class FunctionCallIn(msgspec.Struct):
+    name: Name
+    arguments: str = "{}"
+
+
+class ToolCallIn(msgspec.Struct):
+    """A call in an assistant message of the history."""
+
+    function: FunctionCallIn
+    id: Name = ""
+    type: Name = "function"
+
+
 class ChatMessageIn(msgspec.Struct):
     role: Name
     content: str | list[ContentPart] | None = None
     name: Name | None = None
-    tool_calls: list[Any] | None = None
+    tool_calls: Annotated[list[ToolCallIn], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_call_id: Name | None = None
 
 
 class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: Name = "response"
+    schema: dict[str, Any] | None = None
+    strict: bool | None = None
+    description: str | None = None
+
+
 class ResponseFormat(msgspec.Struct):
     type: Name
+    json_schema: JsonSchemaFormat | None = None
+
+
+class FunctionDefinition(msgspec.Struct):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_-]+$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(msgspec.Struct):
+    function: FunctionDefinition
+    type: Name = "function"
+
+
+class NamedFunction(msgspec.Struct):
+    name: Name
+
+
+class NamedToolChoice(msgspec.Struct):
+    function: NamedFunction
+    type: Name = "function"
 
 
 class SamplingFields(msgspec.Struct):
@@ -74,17 +120,25 @@ class SamplingFields(msgspec.Struct):
     min_p: Probability | None = None
     repetition_penalty: Annotated[float, Meta(gt=0, le=5)] | None = None
     min_tokens: Annotated[int, Meta(ge=0, le=MAX_INT32)] | None = None
+    response_format: ResponseFormat | None = None
+    # Extensions, named as vLLM names them: a grammar for the reply.
+    guided_json: dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+
+
+TopLogprobs = Annotated[int, Meta(ge=0, le=MAX_TOP_LOGPROBS)]
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessageIn], Meta(max_length=MAX_MESSAGES)] = msgspec.field(default_factory=list)
     max_completion_tokens: PositiveInt | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: TopLogprobs | None = None
+    tools: Annotated[list[ToolDefinition], Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
-    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(SamplingFields):
@@ -93,7 +147,7 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = None
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: TopLogprobs | None = None
 
 
 def stop_sequences(stop: str | list[str] | None) -> tuple[str, ...]:

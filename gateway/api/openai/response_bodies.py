@@ -10,7 +10,10 @@ from typing import Any, Literal
 
 import msgspec
 
+from backends.base import TokenLogprob
+from gateway.api.openai.logprob_bodies import chat_logprobs, completion_logprobs
 from gateway.serving.generation import Generation
+from gateway.serving.tools import ToolCall
 
 _encode = msgspec.json.Encoder().encode
 DONE = b"data: [DONE]\n\n"
@@ -63,37 +66,82 @@ class ChunkWriter:
             body["usage"] = None
         return sse(body)
 
+    text_offsets: dict[int, int] = field(default_factory=dict)
+    """Characters of each legacy choice's text sent so far (its logprobs' ``text_offset``)."""
+
     def role(self, index: int) -> bytes:
         return self._chunk([self._choice(index, {"role": "assistant", "content": ""}, None)])
 
-    def content(self, index: int, text: str) -> bytes:
-        return self._chunk([self._choice(index, {"content": text}, None)])
+    def content(self, index: int, text: str, logprobs: tuple[TokenLogprob, ...] = ()) -> bytes:
+        return self._chunk([self._choice(index, {"content": text}, None, logprobs)])
 
-    def finish(self, index: int, reason: str) -> bytes:
-        return self._chunk([self._choice(index, {}, reason)])
+    def tool_call_started(self, index: int, call_index: int, call_id: str, name: str) -> bytes:
+        call = {"index": call_index, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        return self._chunk([self._choice(index, {"tool_calls": [call]}, None)])
+
+    def tool_call_arguments(self, index: int, call_index: int, fragment: str) -> bytes:
+        call = {"index": call_index, "function": {"arguments": fragment}}
+        return self._chunk([self._choice(index, {"tool_calls": [call]}, None)])
+
+    def finish(self, index: int, reason: str, logprobs: tuple[TokenLogprob, ...] = ()) -> bytes:
+        return self._chunk([self._choice(index, {} if self.kind == "chat" else {"content": ""}, reason, logprobs)])
 
     def usage(self, generation: Generation) -> bytes:
         return sse(self._envelope([]) | {"usage": usage(generation)})
 
-    def _choice(self, index: int, delta: dict[str, Any], reason: str | None) -> dict[str, Any]:
+    def _choice(
+        self, index: int, delta: dict[str, Any], reason: str | None, logprobs: tuple[TokenLogprob, ...] = ()
+    ) -> dict[str, Any]:
         if self.kind == "chat":
-            return {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"index": index, "text": delta.get("content", ""), "logprobs": None, "finish_reason": reason}
+            shaped = chat_logprobs(logprobs) if logprobs else None
+            return {"index": index, "delta": delta, "logprobs": shaped, "finish_reason": reason}
+        text = delta.get("content", "")
+        offset = self.text_offsets.get(index, 0)
+        self.text_offsets[index] = offset + len(text)
+        shaped = completion_logprobs(logprobs, offset) if logprobs else None
+        return {"index": index, "text": text, "logprobs": shaped, "finish_reason": reason}
 
 
 def error_event(message: str, type: str = "server_error", code: str | None = None) -> bytes:
     return sse({"error": {"message": message, "type": type, "param": None, "code": code}})
 
 
-def chat_body(generation: Generation, model: str, texts: dict[int, list[str]]) -> dict[str, Any]:
-    def message(text: str) -> dict[str, Any]:
-        return {"message": {"role": "assistant", "content": text, "refusal": None}}
+@dataclass
+class ChoiceReply:
+    """What one choice of a non-streamed response holds once generation has ended."""
 
-    return _body("chat", "chat.completion", generation, model, texts, message)
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """``None`` when the request did not ask for log-probabilities."""
+    finish_reason: str | None = None
 
 
-def text_body(generation: Generation, model: str, texts: dict[int, list[str]]) -> dict[str, Any]:
-    return _body("text", "text_completion", generation, model, texts, lambda text: {"text": text})
+def tool_calls_body(calls: tuple[ToolCall, ...]) -> list[dict[str, Any]]:
+    return [
+        {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+        for call in calls
+    ]
+
+
+def chat_body(generation: Generation, model: str, replies: dict[int, ChoiceReply]) -> dict[str, Any]:
+    def message(reply: ChoiceReply) -> dict[str, Any]:
+        body: dict[str, Any] = {"role": "assistant", "content": reply.text, "refusal": None}
+        if reply.tool_calls:
+            body["content"] = reply.text or None
+            body["tool_calls"] = tool_calls_body(reply.tool_calls)
+        logprobs = None if reply.logprobs is None else chat_logprobs(reply.logprobs)
+        return {"message": body, "logprobs": logprobs}
+
+    return _body("chat", "chat.completion", generation, model, replies, message)
+
+
+def text_body(generation: Generation, model: str, replies: dict[int, ChoiceReply]) -> dict[str, Any]:
+    def text(reply: ChoiceReply) -> dict[str, Any]:
+        logprobs = None if reply.logprobs is None else completion_logprobs(reply.logprobs)
+        return {"text": reply.text, "logprobs": logprobs}
+
+    return _body("text", "text_completion", generation, model, replies, text)
 
 
 def _body(
@@ -101,24 +149,20 @@ def _body(
     object_name: str,
     generation: Generation,
     model: str,
-    texts: dict[int, list[str]],
-    content: Callable[[str], dict[str, Any]],
+    replies: dict[int, ChoiceReply],
+    content: Callable[[ChoiceReply], dict[str, Any]],
 ) -> dict[str, Any]:
-    """A whole (non-streamed) response: one choice per ``n``, each with its text in ``content``'s shape."""
+    """A whole (non-streamed) response: one choice per ``n``, each in ``content``'s shape."""
+    choices = []
+    for i in range(generation.n):
+        reply = replies.get(i) or ChoiceReply()
+        choices.append({"index": i, **content(reply), "finish_reason": reply.finish_reason})
     return {
         "id": new_id(kind),
         "object": object_name,
         "created": int(time.time()),
         "model": model,
         "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                **content("".join(texts.get(i, []))),
-                "logprobs": None,
-                "finish_reason": generation.finish_reasons.get(i),
-            }
-            for i in range(generation.n)
-        ],
+        "choices": choices,
         "usage": usage(generation),
     }

@@ -14,13 +14,21 @@ from gateway.api.admission import admit
 from gateway.api.auth import current_key
 from gateway.api.heavy_work import sized_work
 from gateway.api.json_bodies import decode_body, json_bytes
+from gateway.api.openai.choice_assembly import (
+    CallArguments,
+    CallStarted,
+    ChoiceAssembler,
+    Content,
+    Finished,
+)
+from gateway.api.openai.output_controls import OutputControls, chat_output_controls, completion_output_controls
 from gateway.api.openai.request_bodies import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
     stop_sequences,
 )
-from gateway.api.openai.response_bodies import ChunkWriter, chat_body, error_event, text_body
+from gateway.api.openai.response_bodies import ChoiceReply, ChunkWriter, chat_body, error_event, text_body
 from gateway.api.openai.translation import (
     chat_prompt_ids,
     completion_prompt_ids,
@@ -31,6 +39,7 @@ from gateway.api.openai.translation import (
 from gateway.api.settled_stream import SettledStream
 from gateway.errors import ApiError, model_not_found
 from gateway.serving.generation import Generation
+from gateway.serving.registry import ModelRuntime
 from gateway.state import GatewayState, gateway_state, request_id
 
 AnyRequest = Request[Any, Any, Any]
@@ -57,9 +66,10 @@ async def chat_completions(request: AnyRequest) -> Response[Any]:
     reject_unsupported_chat(body)
     state = gateway_state(request)
     runtime = state.models.get(body.model)
-    prompt_ids = await sized_work(len(raw), chat_prompt_ids, body, runtime)
+    controls = await sized_work(len(raw), chat_output_controls, body, runtime)
+    prompt_ids = await sized_work(len(raw), chat_prompt_ids, body, runtime, controls.tools)
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(request, state, body, "chat", prompt_ids, max_tokens)
+    return await _respond(request, state, body, "chat", prompt_ids, max_tokens, controls)
 
 
 @post("/v1/completions", status_code=200)
@@ -69,9 +79,21 @@ async def completions(request: AnyRequest) -> Response[Any]:
     reject_unsupported_completion(body)
     state = gateway_state(request)
     runtime = state.models.get(body.model)
+    controls = await sized_work(len(raw), completion_output_controls, body, runtime)
     prompt_ids = await sized_work(len(raw), completion_prompt_ids, body, runtime)
+    echoed = _echoed_prompt(body, runtime, prompt_ids) if body.echo else ""
     # The legacy endpoint's max_tokens defaults to 16, as OpenAI's does.
-    return await _respond(request, state, body, "text", prompt_ids, body.max_tokens or 16)
+    return await _respond(request, state, body, "text", prompt_ids, body.max_tokens or 16, controls, echoed)
+
+
+def _echoed_prompt(body: CompletionRequest, runtime: ModelRuntime, prompt_ids: list[int]) -> str:
+    """The prompt as ``echo`` repeats it: the client's own text, or its token ids decoded."""
+    prompt = body.prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return prompt
+    return runtime.tokenizer.decode(prompt_ids)
 
 
 async def _respond(
@@ -81,6 +103,8 @@ async def _respond(
     kind: str,
     prompt_ids: list[int],
     max_tokens: int | None,
+    controls: OutputControls,
+    echoed: str = "",
 ) -> Response[Any]:
     runtime = state.models.get(body.model)
     sampling = sampling_params(body, runtime, len(prompt_ids), max_tokens)
@@ -108,29 +132,37 @@ async def _respond(
         n,
         reservation=reservation,
         continuation=kind == "text",
+        constraint=controls.constraint,
+        logprobs=controls.logprobs,
+        prompt_logprobs=controls.prompt_logprobs,
     )
+    assemblers = [
+        ChoiceAssembler(controls.tools, logprobs=controls.logprobs is not None, prefix=echoed)
+        for _ in range(generation.n)
+    ]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
         return SettledStream(
-            _stream(generation, ticket, writer),
+            _stream(generation, ticket, writer, assemblers),
             # A client that leaves before the body starts never runs the stream's own clean-up.
             on_close=lambda: _abandon(generation, ticket),
             media_type="text/event-stream",
             headers={**SSE_HEADERS, **ticket.headers},
         )
-    texts = await _collect(request, generation, ticket)
+    replies = await _collect(request, generation, ticket, assemblers)
     build = chat_body if kind == "chat" else text_body
-    return Response(build(generation, body.model, texts), status_code=200, headers=ticket.headers)
+    return Response(build(generation, body.model, replies), status_code=200, headers=ticket.headers)
 
 
-async def _collect(request: AnyRequest, generation: Generation, ticket: Ticket) -> dict[int, list[str]]:
+async def _collect(
+    request: AnyRequest, generation: Generation, ticket: Ticket, assemblers: list[ChoiceAssembler]
+) -> dict[int, ChoiceReply]:
     """Run a non-streamed generation, stopping it if the client disconnects meanwhile."""
-    texts: dict[int, list[str]] = {}
 
     async def run() -> None:
         async for event in generation.events():
-            texts.setdefault(event.index, []).append(event.text)
+            assemblers[event.index].feed(event)
 
     work = asyncio.create_task(run())
     watcher = asyncio.create_task(_wait_for_disconnect(request))
@@ -150,7 +182,7 @@ async def _collect(request: AnyRequest, generation: Generation, ticket: Ticket) 
         watcher.cancel()
         work.cancel()
         await ticket.finish(generation, status)
-    return texts
+    return {index: assembler.reply for index, assembler in enumerate(assemblers)}
 
 
 async def _wait_for_disconnect(request: AnyRequest) -> None:
@@ -160,7 +192,9 @@ async def _wait_for_disconnect(request: AnyRequest) -> None:
             return
 
 
-async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -> AsyncIterator[bytes]:
+async def _stream(
+    generation: Generation, ticket: Ticket, writer: ChunkWriter, assemblers: list[ChoiceAssembler]
+) -> AsyncIterator[bytes]:
     status: UsageStatus | None = None
     try:
         if writer.kind == "chat":
@@ -168,14 +202,20 @@ async def _stream(generation: Generation, ticket: Ticket, writer: ChunkWriter) -
                 yield writer.role(index)
         held_finish: bytes | None = None
         async for event in generation.events():
-            if event.text:
-                yield writer.content(event.index, event.text)
-            if event.finish_reason is not None:
-                finish = writer.finish(event.index, event.finish_reason)
-                if generation.finished:
-                    held_finish = finish  # the last bytes wait for the usage row
-                else:
-                    yield finish
+            index = event.index
+            for piece in assemblers[index].feed(event):
+                if isinstance(piece, Content):
+                    yield writer.content(index, piece.text, piece.logprobs)
+                elif isinstance(piece, CallStarted):
+                    yield writer.tool_call_started(index, piece.call_index, piece.call_id, piece.name)
+                elif isinstance(piece, CallArguments):
+                    yield writer.tool_call_arguments(index, piece.call_index, piece.fragment)
+                elif isinstance(piece, Finished):
+                    finish = writer.finish(index, piece.reason, piece.logprobs)
+                    if generation.finished:
+                        held_finish = finish  # the last bytes wait for the usage row
+                    else:
+                        yield finish
         status = usage_status(generation)
         await ticket.finish(generation, status)
         if held_finish is not None:

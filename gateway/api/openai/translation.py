@@ -11,19 +11,26 @@ from gateway.api.openai.request_bodies import (
     logit_bias_ids,
     unsupported,
 )
-from gateway.errors import ApiError, invalid_request
+from gateway.errors import ApiError, echo, invalid_request
 from gateway.serving.prompts import Message, PromptError, Role
-from gateway.serving.registry import ModelRuntime
+from gateway.serving.registry import ModelRuntime, ToolPlan
+from gateway.serving.tools import ToolCall
 
-_ROLES: dict[str, Role] = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES: dict[str, Role] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def _flatten(message: ChatMessageIn, index: int) -> str:
     param = f"messages.[{index}].content"
     content = message.content
     if content is None:
-        if message.role == "assistant" and not message.tool_calls:
-            return ""
+        if message.role == "assistant":
+            return ""  # a turn of only tool calls, or an empty reply
         raise invalid_request(f"Message {index} ({message.role}) has no content.", param=param)
     if isinstance(content, str):
         return content
@@ -46,33 +53,56 @@ def chat_messages(request: ChatCompletionRequest) -> list[Message]:
         if role is None:
             raise invalid_request(
                 f"Invalid role {message.role!r} in message {index}: supported roles are "
-                "system, developer, user and assistant.",
+                "system, developer, user, assistant and tool.",
                 param=f"messages.[{index}].role",
             )
-        if message.tool_calls:
-            raise unsupported(f"messages.[{index}].tool_calls", "Tool calls")
-        messages.append(Message(role, _flatten(message, index)))
+        messages.append(_message(role, message, index))
+    _check_tool_results(messages)
     return messages
 
 
+def _check_tool_results(messages: list[Message]) -> None:
+    """Every ``tool`` message answers a call of the assistant message just before it, as OpenAI requires."""
+    open_calls: set[str] = set()
+    for index, message in enumerate(messages):
+        if message.role != "tool":
+            open_calls = {call.id for call in message.tool_calls}
+            continue
+        if message.tool_call_id not in open_calls:
+            raise invalid_request(
+                f"Message {index} (tool) must answer a tool call of the assistant message before it; "
+                f"no such call has id {echo(message.tool_call_id or '')!r}.",
+                param=f"messages.[{index}].tool_call_id",
+            )
+
+
+def _message(role: Role, message: ChatMessageIn, index: int) -> Message:
+    if role == "tool":
+        if not message.tool_call_id:
+            raise invalid_request(
+                f"Message {index} (tool) needs the tool_call_id it answers.", param=f"messages.[{index}].tool_call_id"
+            )
+        return Message("tool", _flatten(message, index), tool_call_id=message.tool_call_id, name=message.name)
+    if message.tool_calls and role != "assistant":
+        raise invalid_request(
+            f"Only assistant messages carry tool_calls; message {index} is {message.role!r}.",
+            param=f"messages.[{index}].tool_calls",
+        )
+    calls = tuple(
+        ToolCall(call.id or f"call_{index}_{position}", call.function.name, call.function.arguments)
+        for position, call in enumerate(message.tool_calls or ())
+    )
+    return Message(role, _flatten(message, index), tool_calls=calls, name=message.name)
+
+
 def reject_unsupported_chat(request: ChatCompletionRequest) -> None:
-    if request.tools or request.functions:
-        raise unsupported("tools", "Tool calling")
-    if request.logprobs:
-        raise unsupported("logprobs", "logprobs")
-    if request.response_format is not None and request.response_format.type != "text":
-        raise unsupported("response_format", f"response_format {request.response_format.type!r}")
     if request.stream_options is not None and not request.stream:
         raise invalid_request("stream_options may only be set when stream is true.", param="stream_options")
 
 
 def reject_unsupported_completion(request: CompletionRequest) -> None:
-    if request.echo:
-        raise unsupported("echo", "echo")
     if request.suffix:
         raise unsupported("suffix", "suffix")
-    if request.logprobs:
-        raise unsupported("logprobs", "logprobs")
     if request.best_of is not None and request.best_of != (request.n or 1):
         raise unsupported("best_of", "best_of other than n")
     if request.stream_options is not None and not request.stream:
@@ -103,10 +133,10 @@ def completion_prompt_ids(request: CompletionRequest, runtime: ModelRuntime) -> 
     return ids
 
 
-def chat_prompt_ids(request: ChatCompletionRequest, runtime: ModelRuntime) -> list[int]:
+def chat_prompt_ids(request: ChatCompletionRequest, runtime: ModelRuntime, tools: ToolPlan | None) -> list[int]:
     messages = chat_messages(request)
     try:
-        return runtime.chat_prompt_ids(messages)
+        return runtime.chat_prompt_ids(messages, tools)
     except PromptError as exc:
         raise invalid_request(str(exc), param=exc.param) from exc
 
