@@ -82,6 +82,16 @@ class TokenGuide:
             fill_next_token_bitmask(self._matcher, self._bitmask)
             self._check()
 
+    def allowed(self) -> tuple[set[int] | None, set[int] | None]:
+        """exllamav2's set-based filter step (taken when a job samples several rows at once, where
+        ``mask`` is not used): the tokens allowed next and, of those, the ones that end the reply.
+        ``(None, None)`` restricts nothing. Log-probabilities are recorded on the masking path only."""
+        if self._bitmask is None:
+            return None, None
+        self.prepare()
+        allowed = {int(token) for token in np.flatnonzero(allowed_tokens(self._bitmask, self._vocab_size))}
+        return allowed, allowed & set(self._tokenizer.eos_tokens)
+
     def mask(self, row: Logits) -> None:
         """Apply the mask to the job's logits row, in place, and keep what the logprobs need."""
         row[self._vocab_size :] = -np.inf  # the head's padding past the vocabulary
@@ -138,7 +148,7 @@ def guided_filter_class(base: type) -> type:
             self.guide.feed(int(token.item()) if hasattr(token, "item") else int(token))
 
         def next(self) -> Any:
-            raise NotImplementedError("the guided filter only masks logits")
+            return self.guide.allowed()
 
         def use_background_worker(self) -> bool:
             return True

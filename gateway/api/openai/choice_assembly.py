@@ -22,25 +22,13 @@ class Content:
 
 
 @dataclass(frozen=True, slots=True)
-class CallStarted:
-    call_index: int
-    call_id: str
-    name: str
-
-
-@dataclass(frozen=True, slots=True)
-class CallArguments:
-    call_index: int
-    fragment: str
-
-
-@dataclass(frozen=True, slots=True)
 class Finished:
     reason: str
     logprobs: tuple[TokenLogprob, ...] = ()
 
 
-Piece = Content | CallStarted | CallArguments | Finished
+Piece = Content | ToolCallStarted | ToolCallArguments | Finished
+"""What a choice gives out next; the tool-call pieces are the tool stream's own events."""
 
 
 class ChoiceAssembler:
@@ -95,12 +83,4 @@ class ChoiceAssembler:
 
     @staticmethod
     def _tool_pieces(events: list[ContentDelta | ToolCallStarted | ToolCallArguments]) -> list[Piece]:
-        pieces: list[Piece] = []
-        for event in events:
-            if isinstance(event, ContentDelta):
-                pieces.append(Content(event.text))
-            elif isinstance(event, ToolCallStarted):
-                pieces.append(CallStarted(event.index, event.id, event.name))
-            else:
-                pieces.append(CallArguments(event.index, event.fragment))
-        return pieces
+        return [Content(event.text) if isinstance(event, ContentDelta) else event for event in events]

@@ -14,13 +14,7 @@ from gateway.api.admission import admit
 from gateway.api.auth import current_key
 from gateway.api.heavy_work import sized_work
 from gateway.api.json_bodies import decode_body, json_bytes
-from gateway.api.openai.choice_assembly import (
-    CallArguments,
-    CallStarted,
-    ChoiceAssembler,
-    Content,
-    Finished,
-)
+from gateway.api.openai.choice_assembly import ChoiceAssembler, Content, Finished
 from gateway.api.openai.output_controls import OutputControls, chat_output_controls, completion_output_controls
 from gateway.api.openai.request_bodies import (
     ChatCompletionRequest,
@@ -40,6 +34,7 @@ from gateway.api.settled_stream import SettledStream
 from gateway.errors import ApiError, model_not_found
 from gateway.serving.generation import Generation
 from gateway.serving.registry import ModelRuntime
+from gateway.serving.tools.stream import ToolCallArguments, ToolCallStarted
 from gateway.state import GatewayState, gateway_state, request_id
 
 AnyRequest = Request[Any, Any, Any]
@@ -206,10 +201,10 @@ async def _stream(
             for piece in assemblers[index].feed(event):
                 if isinstance(piece, Content):
                     yield writer.content(index, piece.text, piece.logprobs)
-                elif isinstance(piece, CallStarted):
-                    yield writer.tool_call_started(index, piece.call_index, piece.call_id, piece.name)
-                elif isinstance(piece, CallArguments):
-                    yield writer.tool_call_arguments(index, piece.call_index, piece.fragment)
+                elif isinstance(piece, ToolCallStarted):
+                    yield writer.tool_call_started(index, piece.index, piece.id, piece.name)
+                elif isinstance(piece, ToolCallArguments):
+                    yield writer.tool_call_arguments(index, piece.index, piece.fragment)
                 elif isinstance(piece, Finished):
                     finish = writer.finish(index, piece.reason, piece.logprobs)
                     if generation.finished:

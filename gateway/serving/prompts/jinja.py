@@ -129,9 +129,10 @@ def _render_with_content_spans(
             parts.append(piece)
             length += len(piece)
             continue
-        escaped = json.dumps(content, ensure_ascii=False)[1:-1]
-        if not real.startswith(content, length) and real.startswith(escaped, length):
-            content = escaped
+        if not real.startswith(content, length):
+            escaped = json.dumps(content, ensure_ascii=False)[1:-1]
+            if real.startswith(escaped, length):
+                content = escaped
         spans.append((length, length + len(content)))
         parts.append(content)
         length += len(content)

@@ -65,6 +65,22 @@ def test_the_guide_masks_rows_in_place(tokenizer: LLTokenizer) -> None:
     assert np.flatnonzero(np.isfinite(row)).tolist() == [EOS], "a complete grammar allows only EOS"
 
 
+def test_the_set_based_step_allows_what_the_mask_allows(tokenizer: LLTokenizer) -> None:
+    guide = TokenGuide(tokenizer, yes_or_no())
+    guide.begin()
+    row = np.zeros(PADDED_VOCAB_SIZE, dtype=np.float32)
+    guide.prepare()
+    guide.mask(row)
+    allowed, ending = guide.allowed()
+    assert allowed == {int(t) for t in np.flatnonzero(np.isfinite(row))}
+    assert ending == set()  # nothing written yet: the reply cannot end
+    for token in tokenizer.tokenize_str("yes"):
+        guide.feed(token)
+    allowed, ending = guide.allowed()
+    assert allowed == ending == {EOS}
+    assert TokenGuide(tokenizer, None, top_logprobs=2).allowed() == (None, None)
+
+
 def test_the_guide_records_logprobs_of_fed_tokens(tokenizer: LLTokenizer) -> None:
     guide = TokenGuide(tokenizer, top_logprobs=2)
     [paris] = tokenizer.tokenize_str(" Paris")
