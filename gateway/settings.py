@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -105,6 +105,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     (rows that arrive while one is in flight share the next); a wait only adds latency, in exchange
     for fewer transactions on a database that counts them."""
     key_cache_seconds: float = 2.0
+    prediction_retention_hours: Annotated[float, msgspec.Meta(gt=0)] = 24.0
+    """How long ended predictions (and their webhook deliveries) stay in the database."""
+    prediction_runner_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    """A prediction whose replica has not renewed it for this long is failed by another: its replica
+    crashed or was killed. Renewals come six times within it."""
     initial_admin_key: str | None = None
     """Created as the first admin key when none exists (instead of a random one printed once)."""
     data_dir: str | None = None

@@ -24,7 +24,7 @@ from gateway.api.openai.routes import OPENAI_ROUTES
 from gateway.api.openapi import openapi_config
 from gateway.api.probes import health, metrics, ready
 from gateway.api.replicate.routes import REPLICATE_ROUTES, is_replicate_path, problem_http_error_response
-from gateway.api.replicate.runner import close_predictions
+from gateway.api.replicate.runner import close_predictions, open_predictions
 from gateway.api.request_ids import RequestIdMiddleware, add_request_id_header
 from gateway.api.usage_reports import own_usage
 from gateway.errors import ApiError
@@ -110,6 +110,7 @@ def create_app(
                 base_url = f"http://{settings.host}:{settings.port}"
                 print(initial_key_notice(first_key, base_url, model), flush=True)
             await registry.start()
+            await open_predictions(app)
             if freeze_garbage:
                 freeze_startup_objects()
             state.ready = True

@@ -1,4 +1,5 @@
-"""Tables: API keys and one usage row per admitted request.
+"""Tables: API keys, one usage row per admitted request, and Replicate-style predictions with
+the webhook deliveries they owe.
 
 Keys are never deleted, only revoked, so every usage row keeps a valid ``key_id``. A usage row
 keeps the prices it was charged at: changing a model's price later does not rewrite history.
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -36,6 +38,7 @@ NAMING_CONVENTION = {
 SCOPES = ("admin", "user")
 BUDGET_PERIODS = ("total", "daily", "monthly")
 USAGE_STATUSES = ("completed", "length", "stopped", "cancelled", "failed")
+PREDICTION_STATUSES = ("starting", "processing", "succeeded", "failed", "canceled")
 
 
 def _one_of(column: str, values: tuple[str, ...]) -> str:
@@ -73,6 +76,10 @@ class ApiKey(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+# SQLite only auto-increments an INTEGER PRIMARY KEY.
+SERIAL = BigInteger().with_variant(Integer, "sqlite")
+
+
 class UsageRecord(Base):
     __tablename__ = "usage_records"
     __table_args__ = (
@@ -81,8 +88,7 @@ class UsageRecord(Base):
         Index("ix_usage_records_model_started_at", "model", "started_at"),
     )
 
-    # SQLite only auto-increments an INTEGER PRIMARY KEY.
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    id: Mapped[int] = mapped_column(SERIAL, primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128), unique=True)
     key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
     model: Mapped[str] = mapped_column(String(200))
@@ -101,3 +107,79 @@ class UsageRecord(Base):
     duration_ms: Mapped[int] = mapped_column(Integer)
     started_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PredictionRecord(Base):
+    """A prediction as every replica sees it. The replica running it (``runner``) writes its
+    progress; any replica reads it, and asks for a cancel by setting ``cancel_requested_at``."""
+
+    __tablename__ = "predictions"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", PREDICTION_STATUSES), name="status"),
+        Index("ix_predictions_key_id_seq", "key_id", "seq"),
+        Index("ix_predictions_status_heartbeat_at", "status", "heartbeat_at"),
+        Index("ix_predictions_completed_at", "completed_at"),
+    )
+
+    seq: Mapped[int] = mapped_column(SERIAL, primary_key=True)
+    """Creation order: list pages and their cursors follow it."""
+    id: Mapped[str] = mapped_column(String(32), unique=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(200))
+    version: Mapped[str] = mapped_column(String(200))
+    input: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    output: Mapped[list[str]] = mapped_column(JSON)
+    """The output pieces written so far (at most a moment behind the runner's own view)."""
+    error: Mapped[str | None] = mapped_column(Text)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    base_url: Mapped[str] = mapped_column(Text)
+    """The gateway's address as the creating client saw it: the ``urls`` every replica shows."""
+    webhook: Mapped[str | None] = mapped_column(Text)
+    webhook_events: Mapped[list[str]] = mapped_column(JSON)
+    runner: Mapped[str] = mapped_column(String(64))
+    """The replica running it (a per-process id)."""
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    """Renewed by the runner while it runs: a stale one means the runner is gone."""
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class WebhookSecret(Base):
+    """The signing secret of one API key's webhooks (``GET /v1/webhooks/default/secret``)."""
+
+    __tablename__ = "webhook_secrets"
+
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(80))
+    """``whsec_`` and the base64 of 32 random bytes."""
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class WebhookDelivery(Base):
+    """One webhook request owed (an outbox row): written with the prediction state it reports, sent
+    and retried by whichever replica claims it, in order per prediction."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_pending", "delivered_at", "abandoned_at", "next_attempt_at"),
+        Index("ix_webhook_deliveries_prediction_id_seq", "prediction_id", "seq"),
+    )
+
+    seq: Mapped[int] = mapped_column(SERIAL, primary_key=True)
+    id: Mapped[str] = mapped_column(String(40), unique=True)
+    """The ``webhook-id`` header: the same on every retry, so receivers can drop duplicates."""
+    prediction_id: Mapped[str] = mapped_column(String(32))
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    event: Mapped[str] = mapped_column(String(16))
+    url: Mapped[str] = mapped_column(Text)
+    body: Mapped[str] = mapped_column(Text)
+    """The prediction's JSON at the event, exactly the bytes sent and signed."""
+    attempts: Mapped[int] = mapped_column(Integer)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    abandoned_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

@@ -1,10 +1,12 @@
-"""Predictions held in memory by the replica that runs them.
+"""A prediction's state: live on the replica that runs it, read back from the database elsewhere.
+
+The database (``records``) is what every replica shares: a prediction created on one replica is
+read, listed, cancelled and streamed through any other, and outlives restarts. The replica that
+runs a prediction keeps its live ``Prediction`` too, so its own readers see each piece of output
+as it is produced; the database follows at most ``records.PROGRESS_INTERVAL_S`` behind.
 
 Each prediction belongs to the API key that created it; other keys cannot see it (they get 404, as
-for an id that never existed). Finished predictions are kept for ``RETENTION_SECONDS`` and at most
-``MAX_FINISHED`` of them; running ones are never dropped. A replica knows only its own predictions:
-behind a load balancer, poll and stream through the replica that answered the create (sticky
-sessions), as the usage rows in the shared database are the durable record.
+for an id that never existed).
 """
 
 from __future__ import annotations
@@ -13,19 +15,19 @@ import asyncio
 import base64
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+from gateway.db.tables import PredictionRecord
 from gateway.serving.generation import Generation
 
 PredictionStatus = Literal["starting", "processing", "succeeded", "failed", "canceled"]
 TERMINAL: frozenset[PredictionStatus] = frozenset({"succeeded", "failed", "canceled"})
 
-RETENTION_SECONDS = 3600.0
-MAX_FINISHED = 1000
 PAGE_SIZE = 100
+WEBHOOK_EVENTS: tuple[str, ...] = ("start", "output", "logs", "completed")
+"""Replicate's ``webhook_events_filter`` values; "logs" is accepted, but this server writes no logs."""
 
 
 def new_prediction_id() -> str:
@@ -40,12 +42,17 @@ def _timestamp(moment: datetime | None) -> str | None:
 @dataclass(eq=False)
 class Prediction:
     id: str
-    seq: int
     owner: str
     """The id of the API key that created it."""
     model: str
     version: str
     input: dict[str, Any]
+    base_url: str
+    """The gateway's address as the creating client saw it; ``urls`` are built on it."""
+    webhook: str | None = None
+    webhook_events: tuple[str, ...] = WEBHOOK_EVENTS
+    seq: int = 0
+    """Creation order in the database (list cursors); 0 until stored."""
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     status: PredictionStatus = "starting"
     output: list[str] = field(default_factory=list)
@@ -53,17 +60,49 @@ class Prediction:
     started_at: datetime | None = None
     completed_at: datetime | None = None
     metrics: dict[str, int | float] = field(default_factory=dict)
-    finished_monotonic: float | None = None
+    changes: int = 0
+    """Counts changes, so a reader that was busy can tell it missed one."""
     _started_monotonic: float | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _finished: asyncio.Event = field(default_factory=asyncio.Event)
 
+    @classmethod
+    def from_record(cls, record: PredictionRecord) -> Prediction:
+        """A snapshot as stored: it does not change after it is read."""
+        prediction = cls(
+            id=record.id,
+            owner=record.key_id,
+            model=record.model,
+            version=record.version,
+            input=dict(record.input),
+            base_url=record.base_url,
+            webhook=record.webhook,
+            webhook_events=tuple(record.webhook_events),
+            seq=record.seq,
+            created_at=record.created_at,
+            status=cast(PredictionStatus, record.status),
+            output=list(record.output),
+            error=record.error,
+            started_at=record.started_at,
+            completed_at=record.completed_at,
+            metrics=dict(record.metrics),
+        )
+        if prediction.status in TERMINAL:
+            prediction._finished.set()
+        return prediction
+
     @property
     def done(self) -> bool:
-        return self.status in TERMINAL
+        """Ended and settled: its usage row and its final state are stored."""
+        return self._finished.is_set()
+
+    def wants(self, event: str) -> bool:
+        """Whether a webhook is owed for ``event``."""
+        return self.webhook is not None and event in self.webhook_events
 
     def _notify(self) -> None:
         # Waiters hold the event they saw; a fresh one serves the next change.
+        self.changes += 1
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -84,7 +123,8 @@ class Prediction:
         self.output.append(text)
         self._notify()
 
-    def finish(self, status: PredictionStatus, generation: Generation, error: str | None = None) -> None:
+    def conclude(self, status: PredictionStatus, generation: Generation, error: str | None = None) -> None:
+        """Fill in the outcome; readers see it only once ``announce_end`` is called (after it is stored)."""
         now = time.monotonic()
         started = self._started_monotonic if self._started_monotonic is not None else now
         predict_time = now - started
@@ -101,30 +141,43 @@ class Prediction:
         self.status = status
         self.error = error
         self.completed_at = datetime.now(UTC)
-        self.finished_monotonic = now
+
+    def announce_end(self) -> None:
         self._finished.set()
         self._notify()
 
-    def to_json(self, base_url: str, *, pending_as: PredictionStatus | None = None) -> dict[str, Any]:
-        """Replicate's prediction object. ``pending_as`` overrides the status of an unfinished one."""
-        url = f"{base_url.rstrip('/')}/v1/predictions/{self.id}"
-        status = pending_as if pending_as is not None and not self.done else self.status
+    def finish(self, status: PredictionStatus, generation: Generation, error: str | None = None) -> None:
+        self.conclude(status, generation, error)
+        self.announce_end()
+
+    def to_json(self, *, pending_as: PredictionStatus | None = None, concluded: bool = False) -> dict[str, Any]:
+        """Replicate's prediction object. ``pending_as`` overrides the status of an unfinished one;
+        ``concluded`` shows a concluded end before it is announced (the state being stored)."""
+        url = f"{self.base_url.rstrip('/')}/v1/predictions/{self.id}"
+        status, error, completed_at, metrics = self.status, self.error, self.completed_at, self.metrics
+        if not self.done and not concluded:
+            if status in TERMINAL:
+                # A concluded run shows its end once that is stored (``announce_end``), not before.
+                status, error, completed_at, metrics = "processing", None, None, {}
+            status = pending_as or status
         return {
             "id": self.id,
             "model": self.model,
             "version": self.version,
             "input": self.input,
             "output": None if self.status == "starting" else list(self.output),
-            "error": self.error,
+            "error": error,
             "logs": "",
             "status": status,
             "source": "api",
             "data_removed": False,
             "created_at": _timestamp(self.created_at),
             "started_at": _timestamp(self.started_at),
-            "completed_at": _timestamp(self.completed_at),
-            "metrics": dict(self.metrics),
+            "completed_at": _timestamp(completed_at),
+            "metrics": dict(metrics),
             "urls": {"get": url, "cancel": f"{url}/cancel", "stream": f"{url}/stream"},
+            "webhook": self.webhook,
+            "webhook_events_filter": list(self.webhook_events) if self.webhook else None,
         }
 
 
@@ -135,58 +188,3 @@ class Page:
     """Cursor position for older predictions, if any."""
     previous_after: int | None
     """Cursor position for newer predictions, if any."""
-
-
-class PredictionStore:
-    def __init__(self, *, retention_seconds: float = RETENTION_SECONDS, max_finished: int = MAX_FINISHED) -> None:
-        self._by_id: dict[str, Prediction] = {}
-        self._seq = 0
-        self._retention = retention_seconds
-        self._max_finished = max_finished
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def __iter__(self) -> Iterator[Prediction]:
-        return iter(self._by_id.values())
-
-    def add(self, *, owner: str, model: str, version: str, input: dict[str, Any]) -> Prediction:
-        self._evict()
-        self._seq += 1
-        prediction = Prediction(new_prediction_id(), self._seq, owner, model, version, input)
-        self._by_id[prediction.id] = prediction
-        return prediction
-
-    def get(self, prediction_id: str, owner: str) -> Prediction | None:
-        prediction = self._by_id.get(prediction_id)
-        if prediction is None or prediction.owner != owner:
-            return None
-        return prediction
-
-    def page(self, owner: str, *, before: int | None = None, after: int | None = None, size: int = PAGE_SIZE) -> Page:
-        """The owner's predictions, newest first: the newest ``size`` older than ``before``, or the
-        oldest ``size`` newer than ``after``, or the newest ``size`` of all."""
-        mine = [p for p in reversed(self._by_id.values()) if p.owner == owner]
-        if after is not None:
-            newer = [p for p in mine if p.seq > after]
-            results = newer[-size:]
-        else:
-            results = [p for p in mine if before is None or p.seq < before][:size]
-        if not results:
-            return Page([], None, None)
-        oldest, newest = results[-1].seq, results[0].seq
-        has_older = any(p.seq < oldest for p in mine)
-        has_newer = any(p.seq > newest for p in mine)
-        return Page(results, oldest if has_older else None, newest if has_newer else None)
-
-    def _evict(self) -> None:
-        """Drop expired finished predictions, and the oldest finished ones beyond the cap (one is added)."""
-        now = time.monotonic()
-        finished = sorted(
-            ((p.finished_monotonic, p) for p in self._by_id.values() if p.finished_monotonic is not None),
-            key=lambda item: item[0],
-        )
-        over_cap = len(finished) - max(0, self._max_finished - 1)
-        for index, (finished_at, prediction) in enumerate(finished):
-            if index < over_cap or now - finished_at > self._retention:
-                del self._by_id[prediction.id]

@@ -15,14 +15,16 @@ import binascii
 import contextlib
 import re
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
 
-from gateway.accounting.fail_closed import database_unavailable, is_database_outage
+from gateway.accounting.fail_closed import database_unavailable, is_database_outage, needing_database
 from gateway.api.admission import admit
 from gateway.api.auth import current_key
 from gateway.api.client_gone import CLIENT_CLOSED_REQUEST, left_before_body
@@ -30,7 +32,7 @@ from gateway.api.heavy_work import sized_work
 from gateway.api.json_bodies import check_depth, json_bytes
 from gateway.api.replicate import predictions
 from gateway.api.replicate.inputs import parse_input
-from gateway.api.replicate.predictions import Prediction
+from gateway.api.replicate.predictions import WEBHOOK_EVENTS, Prediction, new_prediction_id
 from gateway.api.replicate.problems import PROBLEM_MEDIA_TYPE, InvalidField, InvalidInput, Problem, invalid
 from gateway.api.replicate.prompt import prompt_ids
 from gateway.api.replicate.runner import PredictionService, prediction_service
@@ -95,23 +97,57 @@ def _model_ref(runtime: ModelRuntime) -> str:
     return next((a for a in runtime.config.aliases if "/" in a), f"{runtime.config.owned_by}/{runtime.name}")
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
-    fields = [
-        InvalidField(name, "value", "Webhooks are not supported by this server; poll urls.get or stream urls.stream.")
-        for name in ("webhook", "webhook_completed")
-        if body.get(name) is not None
-    ]
+MAX_WEBHOOK_URL = 2048
+
+
+def _is_web_url(url: object) -> bool:
+    if not isinstance(url, str) or len(url) > MAX_WEBHOOK_URL:
+        return False
+    try:
+        parsed = urlsplit(url)
+        return parsed.scheme in ("http", "https") and bool(parsed.hostname)
+    except ValueError:  # an unclosed IPv6 bracket, a port that is not a number
+        return False
+
+
+def _webhook(body: dict[str, Any]) -> tuple[str | None, tuple[str, ...]]:
+    """The webhook URL and the events it wants; ``webhook_completed`` (Replicate's older field) is a
+    webhook for the ``completed`` event alone."""
+    url = body.get("webhook")
+    events: Any = body.get("webhook_events_filter")
+    legacy = body.get("webhook_completed")
+    if url is None and legacy is not None:
+        url, events = legacy, events or ["completed"]
+    fields: list[InvalidField] = []
+    if url is not None:
+        name = "webhook" if body.get("webhook") is not None else "webhook_completed"
+        if not _is_web_url(url):
+            fields.append(
+                InvalidField(name, "format", "webhook must be an absolute http(s) URL of at most 2048 characters")
+            )
+    if events is None:
+        chosen = WEBHOOK_EVENTS
+    elif isinstance(events, list) and events and all(isinstance(e, str) and e in WEBHOOK_EVENTS for e in events):
+        chosen = tuple(e for e in WEBHOOK_EVENTS if e in events)
+    else:
+        fields.append(
+            InvalidField(
+                "webhook_events_filter", "enum", f"webhook_events_filter must be a list of {', '.join(WEBHOOK_EVENTS)}"
+            )
+        )
+        chosen = ()
     if body.get("input") is None:
         fields.append(InvalidField("input", "required", "input is required"))
     if fields:
         raise InvalidInput(fields)
+    return url, chosen
 
 
 async def _create(
     request: AnyRequest, runtime: ModelRuntime, body: dict[str, Any], *, model: str, version: str
 ) -> Response[Any]:
     wait = prefer_wait(request.headers.get("prefer"))
-    _reject_unsupported(body)
+    webhook, webhook_events = _webhook(body)
     inputs = parse_input(body["input"])
     text_size = len(inputs.prompt) + len(inputs.system_prompt or "") + len(inputs.prompt_template or "")
     ids = await sized_work(text_size, prompt_ids, inputs, runtime)
@@ -134,20 +170,34 @@ async def _create(
         raise
     generation = Generation(runtime, request_id(request), ids, sampling, inputs.stop_sequences, reservation=reservation)
     service = prediction_service(request.app)
-    prediction = service.store.add(
-        owner=current_key(request).id, model=model, version=version, input=dict(body["input"])
+    prediction = Prediction(
+        id=new_prediction_id(),
+        owner=current_key(request).id,
+        model=model,
+        version=version,
+        input=dict(body["input"]),
+        base_url=_base_url(request),
+        webhook=webhook,
+        webhook_events=webhook_events,
     )
+    try:
+        async with needing_database("storing a prediction"):
+            await service.create(prediction)
+    except BaseException:
+        # Nothing ran: the request is settled (a row with no tokens) and its slot given back.
+        reservation.release()
+        await ticket.finish(generation, "failed")
+        raise
     service.start(prediction, generation, ticket)
-    base = _base_url(request)
-    headers = {**ticket.headers, "Location": f"{base}{ENDPOINT}/{prediction.id}"}
+    headers = {**ticket.headers, "Location": f"{prediction.base_url}{ENDPOINT}/{prediction.id}"}
     if wait is None:
-        return Response(prediction.to_json(base), status_code=201, headers=headers)
+        return Response(prediction.to_json(), status_code=201, headers=headers)
     headers["Preference-Applied"] = f"wait={wait}"
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait):
             await prediction.wait_done()
     # Replicate answers an unfinished wait with "starting", which tells its clients to go on polling.
-    return Response(prediction.to_json(base, pending_as="starting"), status_code=201, headers=headers)
+    return Response(prediction.to_json(pending_as="starting"), status_code=201, headers=headers)
 
 
 def _model(request: AnyRequest, owner: str, name: str) -> ModelRuntime:
@@ -202,9 +252,10 @@ async def create_prediction(request: AnyRequest) -> Response[Any]:
     return await _create(request, runtime, body, model=model, version=shown_version)
 
 
-def _owned(request: AnyRequest, prediction_id: str) -> tuple[PredictionService, Prediction]:
+async def _owned(request: AnyRequest, prediction_id: str) -> tuple[PredictionService, Prediction]:
     service = prediction_service(request.app)
-    prediction = service.store.get(prediction_id, current_key(request).id)
+    async with needing_database("reading a prediction"):
+        prediction = await service.get(prediction_id, current_key(request).id)
     if prediction is None:
         raise Problem(404, _NOT_FOUND)
     return service, prediction
@@ -212,22 +263,30 @@ def _owned(request: AnyRequest, prediction_id: str) -> tuple[PredictionService, 
 
 @get("/predictions/{prediction_id:str}")
 async def get_prediction(request: AnyRequest, prediction_id: str) -> dict[str, Any]:
-    _, prediction = _owned(request, prediction_id)
-    return prediction.to_json(_base_url(request))
+    _, prediction = await _owned(request, prediction_id)
+    return prediction.to_json()
 
 
 @post("/predictions/{prediction_id:str}/cancel", status_code=200)
 async def cancel_prediction(request: AnyRequest, prediction_id: str) -> dict[str, Any]:
-    service, prediction = _owned(request, prediction_id)
-    await service.cancel(prediction)
-    return prediction.to_json(_base_url(request))
+    service, prediction = await _owned(request, prediction_id)
+    return (await service.cancel(prediction)).to_json()
 
 
 @get("/predictions/{prediction_id:str}/stream")
 async def stream_prediction(request: AnyRequest, prediction_id: str) -> Stream:
-    _, prediction = _owned(request, prediction_id)
+    service, prediction = await _owned(request, prediction_id)
     start = resume_index(request.headers.get("last-event-id"))
-    return Stream(prediction_events(prediction, start), media_type="text/event-stream", headers=SSE_HEADERS)
+    reread = None if service.runs_here(prediction) else partial(service.records.get, prediction.id, prediction.owner)
+    return Stream(prediction_events(prediction, start, reread), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@get("/webhooks/default/secret")
+async def webhook_secret(request: AnyRequest) -> dict[str, Any]:
+    """The calling key's webhook signing secret (Replicate's ``webhooks.default.secret()``)."""
+    service = prediction_service(request.app)
+    async with needing_database("reading the webhook secret"):
+        return {"key": await service.webhook_secrets.secret(current_key(request).id)}
 
 
 def _cursor(direction: str, position: int) -> str:
@@ -252,13 +311,13 @@ async def list_predictions(request: AnyRequest, cursor: str | None = None) -> di
     """The caller's predictions, newest first, ``predictions.PAGE_SIZE`` per page."""
     before, after = _read_cursor(cursor) if cursor else (None, None)
     service = prediction_service(request.app)
-    page = service.store.page(current_key(request).id, before=before, after=after, size=predictions.PAGE_SIZE)
-    base = _base_url(request)
-    url = f"{base}{ENDPOINT}?cursor="
+    async with needing_database("listing predictions"):
+        page = await service.page(current_key(request).id, before=before, after=after, size=predictions.PAGE_SIZE)
+    url = f"{_base_url(request)}{ENDPOINT}?cursor="
     return {
         "next": None if page.next_before is None else url + _cursor("b", page.next_before),
         "previous": None if page.previous_after is None else url + _cursor("a", page.previous_after),
-        "results": [p.to_json(base) for p in page.results],
+        "results": [p.to_json() for p in page.results],
     }
 
 
@@ -270,7 +329,7 @@ def _problem_api_error_response(request: AnyRequest, exc: ApiError) -> Response[
     return _problem_response(request, Problem.from_api_error(exc))
 
 
-_REPLICATE_PATH = re.compile(r"/v1/(?:predictions(?:/.*)?|models/[^/]+/[^/]+(?:/.*)?)")
+_REPLICATE_PATH = re.compile(r"/v1/(?:predictions(?:/.*)?|webhooks(?:/.*)?|models/[^/]+/[^/]+(?:/.*)?)")
 
 
 def is_replicate_path(path: str) -> bool:
@@ -305,6 +364,7 @@ REPLICATE_ROUTES = Router(
         get_prediction,
         cancel_prediction,
         stream_prediction,
+        webhook_secret,
     ],
     exception_handlers={
         Problem: _problem_response,

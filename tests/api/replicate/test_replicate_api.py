@@ -275,13 +275,6 @@ def test_malformed_requests_are_400(served: Served) -> None:
     assert (bad_cursor.status_code, bad_cursor.json()["detail"]) == (400, "The cursor is not valid.")
 
 
-def test_webhooks_are_refused_rather_than_ignored(served: Served) -> None:
-    with pytest.raises(ReplicateError) as refused:
-        client_for(served).predictions.create(version=FAST, input={"prompt": "Hi"}, webhook="https://example.com/hook")
-    assert refused.value.status == 422
-    assert "webhook" in (refused.value.detail or "")
-
-
 def test_invalid_input_is_a_422_naming_each_field(served: Served) -> None:
     with pytest.raises(ReplicateError) as rejected:
         client_for(served).predictions.create(version=FAST, input={"temperature": 9, "max_new_tokens": 0})

@@ -7,10 +7,12 @@ import pytest
 from replicate.stream import EventSource, ServerSentEvent
 
 from backends.base import SamplingParams
-from gateway.api.replicate.predictions import Prediction, PredictionStore
+from gateway.api.replicate import stream as stream_module
+from gateway.api.replicate.predictions import Prediction
 from gateway.api.replicate.stream import prediction_events, resume_index, sse_event
 from gateway.serving.generation import Generation
 from gateway.serving.registry import ModelRuntime
+from tests.support.prediction_records import new_prediction
 
 
 def decode(stream: bytes) -> list[ServerSentEvent]:
@@ -22,10 +24,6 @@ def decode(stream: bytes) -> list[ServerSentEvent]:
         if event is not None:
             events.append(event)
     return events
-
-
-def new_prediction() -> Prediction:
-    return PredictionStore().add(owner="key-a", model="m/m", version="m", input={"prompt": "Hi"})
 
 
 def ended(runtime: ModelRuntime) -> Generation:
@@ -110,3 +108,36 @@ async def test_a_quiet_stream_sends_keepalive_comments(runtime: ModelRuntime, mo
     assert await anext(chunks) == b": keepalive\n\n"
     prediction.finish("succeeded", ended(runtime))
     assert decode(b"".join([chunk async for chunk in chunks]))[-1].data == "{}"
+
+
+async def test_a_prediction_running_elsewhere_is_followed_through_the_database(
+    runtime: ModelRuntime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.api.replicate import stream
+
+    monkeypatch.setattr(stream, "REMOTE_POLL_S", 0.01)
+    seen = new_prediction()
+    seen.start()
+    seen.append("a")
+    stored = [seen]  # what the database holds: the reader's copy, then newer states
+
+    async def reread() -> Prediction | None:
+        return stored[-1]
+
+    reader = asyncio.create_task(collect_with(seen, reread))
+    newer = new_prediction(id=seen.id)
+    newer.start()
+    newer.output = ["a", "b"]
+    stored.append(newer)
+    await asyncio.sleep(0.05)
+    final = new_prediction(id=seen.id)
+    final.start()
+    final.output = ["a", "b", "c"]
+    final.finish("succeeded", ended(runtime))
+    stored.append(final)
+    events = decode(await asyncio.wait_for(reader, 5))
+    assert [(e.id, e.data) for e in events] == [("0", "a"), ("1", "b"), ("2", "c"), ("3", "{}")]
+
+
+async def collect_with(prediction: Prediction, reread: stream_module.Reread) -> bytes:
+    return b"".join([chunk async for chunk in prediction_events(prediction, 0, reread)])
