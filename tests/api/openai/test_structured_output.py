@@ -9,7 +9,7 @@ import math
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jsonschema
 import openai
@@ -81,7 +81,7 @@ class Person(BaseModel):
     name: str = Field(max_length=20)
     age: int = Field(ge=0, le=120)
     favourite_colour: Colour
-    hobbies: list[str] = Field(max_length=3)
+    hobbies: list[Annotated[str, Field(max_length=20)]] = Field(max_length=3)
     address: Address
 
 
@@ -189,13 +189,30 @@ def test_the_tiny_llama2_model_keeps_to_a_regex(http: Any) -> None:
 
 
 def test_legacy_completions_take_a_guided_json(http: Any) -> None:
-    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}
-    response = http.post(
-        "/completions",
-        json={"model": EMBEDDED, "prompt": "A number:", "guided_json": schema, "max_tokens": 50, "temperature": 1},
-    )
-    assert response.status_code == 200, response.text
-    jsonschema.validate(json.loads(response.json()["choices"][0]["text"]), schema)
+    # Closed and bounded, so that every reply the grammar allows fits in max_tokens: an open object
+    # would let a sampled reply add properties until it is cut.
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    for seed in range(3):
+        response = http.post(
+            "/completions",
+            json={
+                "model": EMBEDDED,
+                "prompt": "A number:",
+                "guided_json": schema,
+                "max_tokens": 50,
+                "temperature": 1,
+                "seed": seed,
+            },
+        )
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["text"]), schema)
 
 
 @pytest.mark.parametrize(
