@@ -9,6 +9,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 
 from gateway.api.app import create_app
+from gateway.api.dashboard import DASHBOARD_PATH
 from gateway.api.openapi import DOCUMENT_PATH, complete_document
 from gateway.settings import Settings
 from tests.support.model_configs import scripted_model
@@ -18,16 +19,19 @@ Operation = tuple[str, str]
 
 
 def is_replicate_route(path: str) -> bool:
-    """Routes of the Replicate-style API, which refuse with problem details: predictions, and models
-    addressed as ``owner/name`` (``/v1/models/{model_id}`` is OpenAI's)."""
-    return path.startswith("/v1/predictions") or (path.startswith("/v1/models/") and path.count("/") >= 4)
+    """Routes of the Replicate-style API, which refuse with problem details: predictions, webhooks,
+    and models addressed as ``owner/name`` (``/v1/models/{model_id}`` is OpenAI's)."""
+    return path.startswith(("/v1/predictions", "/v1/webhooks")) or (
+        path.startswith("/v1/models/") and path.count("/") >= 4
+    )
 
 
 def served_operations(app: Litestar) -> set[Operation]:
-    """Every handler the app routes to, except Litestar's own ``OPTIONS`` answers and the document's route."""
+    """Every handler the app routes to, except Litestar's own ``OPTIONS`` answers, the document's route
+    and the dashboard's page and files (a web page, not part of the API)."""
     operations: set[Operation] = set()
     for route in app.routes:
-        if not isinstance(route, HTTPRoute) or route.path_format.startswith(DOCUMENT_PATH):
+        if not isinstance(route, HTTPRoute) or route.path_format.startswith((DOCUMENT_PATH, DASHBOARD_PATH)):
             continue
         for method, (handler, _) in route.route_handler_map.items():
             if method == "OPTIONS" and not handler.resolve_include_in_schema():
