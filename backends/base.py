@@ -126,6 +126,9 @@ class TokenDelta:
     """One entry per token of this delta when the request asked for log-probabilities."""
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     """On the first delta only, when the request asked for the prompt's log-probabilities."""
+    replica: str | None = None
+    """Where the tokens were generated, when the engine spreads requests over replicas (a remote
+    worker's base URL); set on the first delta of a generation, for logs."""
 
     @property
     def tokens(self) -> int:
@@ -176,6 +179,30 @@ class Preflight(Protocol):
 
     def preflight(self) -> None:
         """Raise `BackendUnavailable` with one clear sentence; load nothing heavy."""
+
+
+class ReplicaObserver(Protocol):
+    """Told how a backend with several replicas routes its requests (the gateway's metrics).
+
+    Called on the event loop, so it must not block; it must not raise.
+    """
+
+    def served(self, replica: str) -> None:
+        """``replica`` produced the first token of a generation."""
+
+    def skipped(self, replica: str, reason: str) -> None:
+        """A generation left ``replica`` before its first token, for ``reason``."""
+
+    def rotation(self, replica: str, *, in_rotation: bool) -> None:
+        """``replica`` was taken out of rotation, or came back (also told once per replica on attach)."""
+
+
+@runtime_checkable
+class HasReplicas(Protocol):
+    """A backend that spreads requests over replicas and reports where each one went."""
+
+    def observe_replicas(self, observer: ReplicaObserver) -> None:
+        """Report to ``observer`` from now on, starting with every replica's rotation state."""
 
 
 WeightsProgress = Callable[[int, int], None]

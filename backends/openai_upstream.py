@@ -3,8 +3,15 @@
 The gateway builds the prompt's token ids and sends them as a token-id prompt to the
 worker's ``/v1/completions`` (which every such server accepts), so prompts and their
 counts stay the gateway's own. Several ``base_urls`` spread requests over replicas: each new
-request goes to the replica with the fewest requests in flight, and a replica that refuses
-the connection is skipped before any token was produced.
+request goes to the replica in rotation with the fewest requests in flight.
+
+Failover: until a replica has sent the first token, a refused or broken connection, no first
+token within ``first_token_timeout_s``, a 5xx or 429 answer, or a stream that is not what OpenAI
+sends moves the request to the next replica (``backends.replica_pool`` says in what order, and
+when a replica leaves and rejoins the rotation). Any other 4xx is the request's own fault and
+fails it there. Once a token has been handed on, a failure fails the generation: the caller has
+seen tokens, so nothing is replayed. Every ``probe_interval_s`` a task asks each replica out of
+rotation for ``GET {base_url}/models``; an answer below 500 (not 429) brings it back.
 
 Completion token counts come from the worker's final usage chunk. If the stream ends without
 one (a client that went away, a broken connection), each received chunk counts as one token.
@@ -16,14 +23,20 @@ log-probabilities come back in the deltas. Prompt log-probabilities (``echo``) a
 
 Options: ``base_url`` or ``base_urls`` (each ending in ``/v1``), ``model`` (the worker's model
 name; default: this model's name), ``api_key_env`` (environment variable holding the worker's
-key), ``timeout_s`` (read timeout, default 600), ``max_concurrency`` is the model's own setting.
+key), ``timeout_s`` (read timeout between two reads of a stream, default 600),
+``first_token_timeout_s`` (from sending the request to its first token, queueing and prefill at
+the worker included, default 30), ``eject_after_failures`` (consecutive failures that take a
+replica out of rotation, default 1), ``probe_interval_s`` (default 5); ``max_concurrency`` is the
+model's own setting.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -34,14 +47,26 @@ from backends.base import (
     BackendUnavailable,
     GenerationFailed,
     GenerationRequest,
+    ReplicaObserver,
     SamplingParams,
     TokenDelta,
     TokenLogprob,
 )
 from backends.config import BackendConfig
+from backends.replica_pool import Replica, ReplicaPool, SkipReason
 
-_KNOWN_OPTIONS = {"base_url", "base_urls", "model", "api_key_env", "timeout_s"}
+_KNOWN_OPTIONS = {
+    "base_url",
+    "base_urls",
+    "model",
+    "api_key_env",
+    "timeout_s",
+    "first_token_timeout_s",
+    "eject_after_failures",
+    "probe_interval_s",
+}
 CONNECT_TIMEOUT_S = 5.0
+PROBE_TIMEOUT_S = 5.0
 UPSTREAM_KEEPALIVE_S = 60.0
 MAX_SSE_LINE_BYTES = 8 * 1024 * 1024
 """A worker's event longer than this is refused rather than buffered without end."""
@@ -53,6 +78,9 @@ class UpstreamOptions:
     model: str
     api_key: str | None
     timeout_s: float
+    first_token_timeout_s: float = 30.0
+    eject_after_failures: int = 1
+    probe_interval_s: float = 5.0
 
     @classmethod
     def from_config(cls, config: BackendConfig) -> UpstreamOptions:
@@ -67,12 +95,23 @@ class UpstreamOptions:
         api_key = os.environ.get(str(key_env)) if key_env else None
         if key_env and not api_key:
             raise BackendUnavailable(f"model {config.name!r}: environment variable {key_env} is not set")
-        return cls(
-            base_urls=tuple(str(u).rstrip("/") for u in urls),
-            model=str(options.get("model", config.name)),
-            api_key=api_key,
-            timeout_s=float(options.get("timeout_s", 600)),
-        )
+        try:
+            parsed = cls(
+                base_urls=tuple(str(u).rstrip("/") for u in urls),
+                model=str(options.get("model", config.name)),
+                api_key=api_key,
+                timeout_s=float(options.get("timeout_s", 600)),
+                first_token_timeout_s=float(options.get("first_token_timeout_s", 30)),
+                eject_after_failures=int(options.get("eject_after_failures", 1)),
+                probe_interval_s=float(options.get("probe_interval_s", 5)),
+            )
+        except (TypeError, ValueError) as exc:
+            raise BackendUnavailable(f"model {config.name!r}: an openai option is not a number: {exc}") from exc
+        if min(parsed.timeout_s, parsed.first_token_timeout_s, parsed.probe_interval_s) <= 0:
+            raise BackendUnavailable(f"model {config.name!r}: openai timeouts and probe_interval_s must be > 0")
+        if parsed.eject_after_failures < 1:
+            raise BackendUnavailable(f"model {config.name!r}: openai eject_after_failures must be >= 1")
+        return parsed
 
 
 def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
@@ -104,12 +143,29 @@ def request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
     return body
 
 
+class _Skip(Exception):
+    """The replica failed before the first token: the request moves on to the next one."""
+
+    def __init__(self, reason: SkipReason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# What a worker's stream can raise once it has started: a broken connection, a read timeout,
+# events that are not what OpenAI sends.
+_STREAM_ERRORS = (GenerationFailed, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError)
+
+
 class OpenAIUpstreamBackend:
     def __init__(self, config: BackendConfig) -> None:
         self._config = config
         self._options = UpstreamOptions.from_config(config)
-        self._in_flight = dict.fromkeys(self._options.base_urls, 0)
+        self._pool = ReplicaPool(
+            config.name, self._options.base_urls, eject_after_failures=self._options.eject_after_failures
+        )
         self._session: aiohttp.ClientSession | None = None
+        self._prober: asyncio.Task[None] | None = None
         headers = {"Content-Type": "application/json"}
         if self._options.api_key:
             headers["Authorization"] = f"Bearer {self._options.api_key}"
@@ -124,6 +180,9 @@ class OpenAIUpstreamBackend:
             supports_logprobs=True,
         )
 
+    def observe_replicas(self, observer: ReplicaObserver) -> None:
+        self._pool.observe(observer)
+
     async def start(self) -> None:
         # aiohttp rather than httpx: a streamed request costs it about a sixth of the CPU time
         # (bench/overhead.py), and this client sits on every request the gateway forwards.
@@ -135,39 +194,99 @@ class OpenAIUpstreamBackend:
             skip_auto_headers=("User-Agent",),
             raise_for_status=False,
         )
+        self._prober = asyncio.create_task(self._probe_periodically(self._session), name=f"probe {self._config.name}")
 
     async def stop(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            await asyncio.gather(self._prober, return_exceptions=True)
+            self._prober = None
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def _replicas(self) -> list[str]:
-        return sorted(self._in_flight, key=lambda url: self._in_flight[url])
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
         session = self._session
         if session is None:
             raise BackendUnavailable(f"model {self._config.name!r} is not started")
         body = msgspec.json.encode(request_body(self._options.model, request))
-        last_error: Exception | None = None
-        for url in self._replicas():
-            self._in_flight[url] += 1
+        skips: list[str] = []
+        for replica in self._pool.order():
+            replica.in_flight += 1
             try:
-                async with session.post(url + "/completions", data=body, headers=self._headers) as response:
-                    if response.status != 200:
-                        detail = (await response.content.read(500)).decode(errors="replace")
-                        raise GenerationFailed(f"worker {url} answered {response.status}: {detail}")
-                    async for delta in _deltas(response.content):
-                        yield delta
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        deltas, first = await self._first_delta(session, stack, replica, body)
+                    except _Skip as skip:
+                        self._pool.skipped(replica, skip.reason, skip.detail)
+                        skips.append(f"{replica.url}: {skip.detail}")
+                        continue
+                    self._pool.served(replica)
+                    yield replace(first, replica=replica.url)
+                    try:
+                        async for delta in deltas:
+                            yield delta
+                    except _STREAM_ERRORS as exc:
+                        self._pool.failed(replica)
+                        raise GenerationFailed(f"worker {replica.url} failed: {_describe(exc)}") from exc
+                    self._pool.succeeded(replica)
                     return
-            except aiohttp.ClientConnectorError as exc:
-                last_error = exc  # nothing was generated there: try the next replica
-            except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                # A broken connection, a read timeout, or events that are not what OpenAI sends.
-                raise GenerationFailed(f"worker {url} failed: {_describe(exc)}") from exc
             finally:
-                self._in_flight[url] -= 1
-        raise GenerationFailed(f"no worker of model {self._config.name!r} is reachable: {last_error}")
+                replica.in_flight -= 1
+        raise GenerationFailed(f"no worker of model {self._config.name!r} started the generation: {'; '.join(skips)}")
+
+    async def _first_delta(
+        self, session: aiohttp.ClientSession, stack: contextlib.AsyncExitStack, replica: Replica, body: bytes
+    ) -> tuple[AsyncIterator[TokenDelta], TokenDelta]:
+        """The replica's stream and its first delta, or ``_Skip``; a 4xx of the request's own raises."""
+        limit = self._options.first_token_timeout_s
+        refused: str | None = None
+        try:
+            async with asyncio.timeout(limit):
+                response = await stack.enter_async_context(
+                    session.post(replica.url + "/completions", data=body, headers=self._headers)
+                )
+                if response.status != 200:
+                    detail = f"answered {response.status}: " + (await response.content.read(500)).decode(
+                        errors="replace"
+                    )
+                    if response.status == 429:
+                        raise _Skip("status_429", detail)
+                    if response.status >= 500:
+                        raise _Skip("status_5xx", detail)
+                    refused = detail
+                else:
+                    deltas = _deltas(response.content)
+                    return deltas, await anext(deltas)
+        except aiohttp.ClientConnectorError as exc:
+            raise _Skip("connect_error", _describe(exc)) from exc
+        except TimeoutError as exc:
+            raise _Skip("timeout", f"no first token within {limit:g} s ({_describe(exc)})") from exc
+        except aiohttp.ClientError as exc:
+            raise _Skip("disconnected", _describe(exc)) from exc
+        except (GenerationFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise _Skip("stream_error", _describe(exc)) from exc
+        raise GenerationFailed(f"worker {replica.url} {refused}")
+
+    async def _probe_periodically(self, session: aiohttp.ClientSession) -> None:
+        while True:
+            await asyncio.sleep(self._options.probe_interval_s)
+            out = self._pool.out_of_rotation()
+            if out:
+                await asyncio.gather(*(self._probe(session, replica) for replica in out))
+
+    async def _probe(self, session: aiohttp.ClientSession, replica: Replica) -> None:
+        try:
+            async with (
+                asyncio.timeout(PROBE_TIMEOUT_S),
+                session.get(replica.url + "/models", headers=self._headers) as response,
+            ):
+                await response.read()
+                answering = response.status < 500 and response.status != 429
+        except (aiohttp.ClientError, TimeoutError):
+            return
+        if answering:
+            self._pool.restore(replica, via="probe")
 
 
 async def _sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:

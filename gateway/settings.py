@@ -78,6 +78,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True):
     read from the template. Templates that know no tools use the gateway's convention (hermes)."""
     options: dict[str, Any] = msgspec.field(default_factory=dict)
     """Backend-specific options (threads, gpu_split, cache mode, upstream URLs, ...)."""
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    """Other models (names or aliases) that serve this model's requests, in this order, when its
+    own generation fails before anything reached the client (``gateway.serving.fallbacks``)."""
 
     def tokenizer_path(self) -> Path | None:
         if self.tokenizer is not None:
@@ -212,3 +215,21 @@ def _check(settings: Settings) -> None:
             raise ConfigError(f"model {model.name!r}: max_concurrency must be >= 1 and max_queue >= 0")
         if model.backend in ("llamacpp", "exllamav2") and not model.path:
             raise ConfigError(f"model {model.name!r}: backend {model.backend} needs 'path'")
+    _check_fallbacks(settings.models)
+
+
+def _check_fallbacks(models: list[ModelConfig]) -> None:
+    """Each fallback names another configured model, once; a chain is not followed further."""
+    owner = {name: model.name for model in models for name in (model.name, *model.aliases)}
+    for model in models:
+        targets: set[str] = set()
+        for name in model.fallbacks:
+            target = owner.get(name)
+            if target is None:
+                known = ", ".join(sorted(owner))
+                raise ConfigError(f"model {model.name!r}: fallback {name!r} is not a configured model ({known})")
+            if target == model.name:
+                raise ConfigError(f"model {model.name!r}: fallback {name!r} is the model itself")
+            if target in targets:
+                raise ConfigError(f"model {model.name!r}: fallback {name!r} names {target!r} twice")
+            targets.add(target)

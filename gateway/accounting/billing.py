@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from gateway.accounting.limits import Admission
-from gateway.accounting.metering import AdmissionRequest, FinishOnce, Ticket
+from gateway.accounting.metering import AdmissionRequest, FinishOnce, Ticket, billed_as
 from gateway.accounting.services import Accounting
 from gateway.accounting.usage import UsageEntry, UsageStatus
 from gateway.accounting.usage.pricing import worst_case_cost
@@ -31,15 +31,16 @@ class UsageTicket(FinishOnce):
         reached = generation.reached_backend
         ttft = generation.ttft_ms()
         reasons = sorted(set(generation.finish_reasons.values()))
+        model, pricing = billed_as(request, generation)
         entry = UsageEntry(
             request_id=request.request_id,
             key_id=request.key.id,
-            model=request.model,
+            model=model,
             endpoint=request.endpoint,
             prompt_tokens=generation.prompt_tokens if reached else 0,
             completion_tokens=generation.completion_tokens,
-            input_price_per_million=request.pricing.input_per_million,
-            output_price_per_million=request.pricing.output_per_million,
+            input_price_per_million=pricing.input_per_million,
+            output_price_per_million=pricing.output_per_million,
             status=status,
             started_at=self._started,
             finished_at=datetime.now(UTC),
@@ -61,9 +62,11 @@ class AccountingMetering:
         key = admission.key
         if not key.allows_model(admission.model):
             raise model_not_found(admission.model)
-        pricing = admission.pricing
-        worst_case = worst_case_cost(
-            admission.prompt_tokens, admission.max_new_tokens, pricing.input_per_million, pricing.output_per_million
+        worst_case = max(
+            worst_case_cost(
+                admission.prompt_tokens, admission.max_new_tokens, pricing.input_per_million, pricing.output_per_million
+            )
+            for pricing in (admission.pricing, *admission.fallback_pricing)
         )
         hold = await self._accounting.limiter.admit(
             key, max_tokens=admission.prompt_tokens + admission.max_new_tokens, worst_case_cost=worst_case

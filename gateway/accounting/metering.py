@@ -25,6 +25,7 @@ __all__ = [
     "NoMetering",
     "Ticket",
     "UsageStatus",
+    "billed_as",
     "usage_status",
 ]
 
@@ -50,6 +51,18 @@ class AdmissionRequest:
     """``/v1/chat/completions``, ``/v1/completions`` or ``/v1/predictions``."""
     user: str | None
     """The OpenAI ``user`` field; None where the API has none (Replicate)."""
+    fallback_pricing: tuple[Pricing, ...] = ()
+    """Prices of the models that may serve the request instead (``gateway.serving.fallbacks``):
+    a budget's worst case is reserved at the highest of all."""
+
+
+def billed_as(admission: AdmissionRequest, generation: Generation) -> tuple[str, Pricing]:
+    """The model and prices a request's usage names: the admitted model's, or those of the
+    fallback model whose generation served it."""
+    served = generation.runtime
+    if served.name == admission.model:
+        return admission.model, admission.pricing
+    return served.name, served.config.pricing
 
 
 class Ticket(Protocol):

@@ -8,6 +8,7 @@ before admission, so a refusal is counted under its model too) and the ticket (a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from litestar import Request
@@ -26,8 +27,12 @@ async def admit(
     prompt_tokens: int,
     max_new_tokens: int,
     user: str | None,
+    fallbacks: Sequence[ModelRuntime] = (),
 ) -> Ticket:
-    """Admit the request through the app's metering; raises ``ApiError`` (404, 429) when refused."""
+    """Admit the request through the app's metering; raises ``ApiError`` (404, 429) when refused.
+
+    ``fallbacks`` are the models that may serve instead (the key may use each): a budget holds
+    the worst case at the highest of their prices."""
     admission = AdmissionRequest(
         key=current_key(request),
         model=runtime.name,
@@ -37,6 +42,7 @@ async def admit(
         request_id=request_id(request),
         endpoint=endpoint,
         user=user,
+        fallback_pricing=tuple(model.config.pricing for model in fallbacks),
     )
     scope_state = request.scope["state"]
     # Before admission, so a refusal (404, 429) is counted under its model too.

@@ -149,6 +149,31 @@ class GatewayMetrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.fallbacks = Counter(
+            "llama_gateway_model_fallbacks",
+            "Requests served by a fallback model because the requested model failed before its first token.",
+            ["model", "served_model"],
+            registry=r,
+        )
+        self.replica_served = Counter(
+            "llama_gateway_replica_generations",
+            "Generations a remote worker replica started (it sent their first token).",
+            ["model", "replica"],
+            registry=r,
+        )
+        self.replica_skipped = Counter(
+            "llama_gateway_replica_skips",
+            "Generations moved off a remote worker replica before their first token, by reason.",
+            ["model", "replica", "reason"],
+            registry=r,
+        )
+        self.replica_in_rotation = Gauge(
+            "llama_gateway_replica_in_rotation",
+            "1 while a remote worker replica is in rotation, 0 while it is out after failures.",
+            ["model", "replica"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.draining = Gauge(
             "llama_gateway_draining",
             "1 while shutting down: new requests are refused, running ones finish.",
@@ -195,6 +220,23 @@ class GatewayMetrics:
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         encoder, content_type = choose_encoder(accept or "")
         return encoder(registry), content_type
+
+
+class ReplicaMetrics:
+    """What one model's backend reports about its replicas, as metrics (a ``ReplicaObserver``)."""
+
+    def __init__(self, metrics: GatewayMetrics, model: str) -> None:
+        self._metrics = metrics
+        self._model = model
+
+    def served(self, replica: str) -> None:
+        self._metrics.replica_served.labels(self._model, replica).inc()
+
+    def skipped(self, replica: str, reason: str) -> None:
+        self._metrics.replica_skipped.labels(self._model, replica, reason).inc()
+
+    def rotation(self, replica: str, *, in_rotation: bool) -> None:
+        self._metrics.replica_in_rotation.labels(self._model, replica).set(1 if in_rotation else 0)
 
 
 def forget_this_process() -> None:

@@ -25,7 +25,7 @@ from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 from litestar.types import Message as ASGIMessage
 
 from gateway.accounting.keys import ApiKeyInfo
-from gateway.accounting.metering import AdmissionRequest, FinishOnce, Metering, Ticket
+from gateway.accounting.metering import AdmissionRequest, FinishOnce, Metering, Ticket, billed_as
 from gateway.accounting.usage import UsageStatus
 from gateway.accounting.usage.pricing import cost
 from gateway.observability.drain import PROBE
@@ -59,6 +59,10 @@ class GenerationOutcome:
     cost_usd: Decimal
     ttft_ms: float | None
     usage_recorded: bool
+    requested_model: str
+    """The model the request named; ``model`` is the one that served (a fallback, when they differ)."""
+    replica: str | None = None
+    """The remote worker that generated, for a model served by several."""
     prompt: str | None = None
     completion: str | list[str] | None = None
 
@@ -72,6 +76,10 @@ class GenerationOutcome:
             "cost_usd": str(self.cost_usd),
             "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 1),
         }
+        if self.model != self.requested_model:
+            fields["served_model"] = self.model
+        if self.replica is not None:
+            fields["replica"] = self.replica
         if not self.usage_recorded:
             fields["usage_recorded"] = False
         if self.prompt is not None:
@@ -83,14 +91,16 @@ class GenerationOutcome:
 def _outcome(
     admission: AdmissionRequest, generation: Generation, status: UsageStatus, *, recorded: bool, content: bool
 ) -> GenerationOutcome:
-    pricing = admission.pricing
+    model, pricing = billed_as(admission, generation)
     reasons = sorted(set(generation.finish_reasons.values()))
     completion: str | list[str] | None = None
     if content:
         texts = ["".join(generation.texts.get(i, [])) for i in range(generation.n)]
         completion = texts[0] if generation.n == 1 else texts
     return GenerationOutcome(
-        model=admission.model,
+        model=model,
+        requested_model=admission.model,
+        replica=generation.replica,
         endpoint=admission.endpoint,
         status=status,
         finish_reason=",".join(reasons) or None,
@@ -141,6 +151,8 @@ class ObservedTicket(FinishOnce):
             ttft_s = None if outcome.ttft_ms is None else outcome.ttft_ms / 1000
             metrics.record_latencies(outcome.model, ttft_s, generation.token_gaps_s)
             metrics.record_backend_outcome(outcome.model, failed=status == "failed")
+            if outcome.model != outcome.requested_model:
+                metrics.fallbacks.labels(outcome.requested_model, outcome.model).inc()
             self.settled = True
             self._on_settled()
 

@@ -19,8 +19,9 @@ from litestar.middleware import DefineMiddleware
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from backends.base import HasReplicas
 from gateway.observability.drain import Drain, DrainMiddleware
-from gateway.observability.metrics import GatewayMetrics, forget_this_process, multiprocess_enabled
+from gateway.observability.metrics import GatewayMetrics, ReplicaMetrics, forget_this_process, multiprocess_enabled
 from gateway.observability.request_observer import ObservedMetering, RequestObserver
 from gateway.settings import Settings
 from gateway.state import GatewayState
@@ -69,6 +70,9 @@ class Observability:
         """To follow the app's own lifespan, which opens accounting and sets the metering."""
         metering = ObservedMetering(self._state.metering, self.metrics, log_content=self._log_content)
         self._state.metering = metering
+        for runtime in self._state.models:
+            if isinstance(runtime.backend, HasReplicas):
+                runtime.backend.observe_replicas(ReplicaMetrics(self.metrics, runtime.name))
         # Other workers' scrapes read this worker's gauges from files: keep them fresh.
         copier = asyncio.create_task(self._copy_periodically()) if multiprocess_enabled() else None
         try:

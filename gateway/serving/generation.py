@@ -56,6 +56,8 @@ class Generation:
     constraint: Constraint | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    replica: str | None = None
+    """The remote worker that generated, when the backend names one (the last choice's, for n > 1)."""
 
     @property
     def prompt_tokens(self) -> int:
@@ -95,6 +97,8 @@ class Generation:
                 logprobs: tuple[TokenLogprob, ...] = ()
                 prompt_logprobs: tuple[TokenLogprob, ...] = ()
                 async for delta in stream:
+                    if delta.replica is not None:
+                        self.replica = delta.replica
                     logprobs += delta.logprobs
                     prompt_logprobs += delta.prompt_logprobs
                     if delta.tokens:

@@ -117,6 +117,10 @@ class ModelRegistry:
     def __iter__(self) -> Iterator[ModelRuntime]:
         return iter(self._runtimes)
 
+    def fallbacks_of(self, runtime: ModelRuntime) -> list[ModelRuntime]:
+        """The models configured to serve ``runtime``'s requests when it fails, in order."""
+        return [self.get(name) for name in runtime.config.fallbacks]
+
     def get(self, name: str) -> ModelRuntime:
         runtime = self._by_name.get(name)
         if runtime is None:

@@ -134,12 +134,21 @@ def console_script() -> list[str]:
 
 @contextlib.contextmanager
 def gateway_process(
-    directory: Path, *, models: list[ModelConfig] | None = None, workers: int = 1, **settings: Any
+    directory: Path,
+    *,
+    models: list[ModelConfig] | None = None,
+    workers: int = 1,
+    port: int | None = None,
+    api_key: str | None = None,
+    **settings: Any,
 ) -> Iterator[GatewayProcess]:
-    """Serve from a config file in ``directory`` until the block ends (SIGTERM, then SIGKILL)."""
-    port = free_port()
+    """Serve from a config file in ``directory`` until the block ends (SIGTERM, then SIGKILL).
+
+    ``port`` and ``api_key`` (the first admin key) are chosen when not given; giving them lets a
+    test restart a worker where its clients expect it."""
+    port = port or free_port()
     db_path = directory / "gateway.db"
-    api_key = "sk-test-" + secrets.token_urlsafe(24)
+    api_key = api_key or "sk-test-" + secrets.token_urlsafe(24)
     settings = {"database_url": f"sqlite+aiosqlite:///{db_path}", "log_format": "json"} | settings
     config_path = write_config(directory / "config.yaml", port, models or [scripted_model()], **settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMA_GATEWAY_")}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import contextlib
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from litestar import Request, Response, get, post
 
-from backends.base import BackendError
+from backends.base import BackendError, SamplingParams
 from gateway.accounting.metering import Ticket, UsageStatus, usage_status
 from gateway.api.admission import admit
 from gateway.api.auth import current_key
@@ -32,14 +35,19 @@ from gateway.api.openai.translation import (
 )
 from gateway.api.settled_stream import SettledStream
 from gateway.errors import ApiError, model_not_found
+from gateway.serving.fallbacks import FirstToStart
 from gateway.serving.generation import Generation
+from gateway.serving.queueing import Reservation
 from gateway.serving.registry import ModelRuntime
 from gateway.serving.tools.stream import ToolCallArguments, ToolCallStarted
-from gateway.state import GatewayState, gateway_state, request_id
+from gateway.state import gateway_state, request_id
 
 AnyRequest = Request[Any, Any, Any]
 MODEL_CREATED = 1_690_000_000
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SERVED_MODEL_HEADER = "x-gateway-served-model"
+"""On whole responses: the configured name of the model that served (a fallback, or the one asked for)."""
+_logger = structlog.get_logger("gateway.api.openai")
 
 # Usage writes for streams cut off by the client outlive the cancelled request task.
 _background: set[asyncio.Task[None]] = set()
@@ -54,17 +62,40 @@ def _in_background(work: Awaitable[None]) -> None:
     task.add_done_callback(_background.discard)
 
 
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """What a request becomes for one model: its prompt, and what its reply must be."""
+
+    prompt_ids: list[int]
+    controls: OutputControls
+    echoed: str = ""
+
+
+_Prepare = Callable[[ModelRuntime], Awaitable[_Prepared]]
+"""Builds a request for a model: the requested one, or a fallback when its turn comes."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """One model's generation of a request, with the assemblers of its choices."""
+
+    generation: Generation
+    assemblers: list[ChoiceAssembler]
+
+
 @post("/v1/chat/completions", status_code=200)
 async def chat_completions(request: AnyRequest) -> Response[Any]:
     raw = await json_bytes(request)
     body = decode_body(raw, ChatCompletionRequest)
     reject_unsupported_chat(body)
-    state = gateway_state(request)
-    runtime = state.models.get(body.model)
-    controls = await sized_work(len(raw), chat_output_controls, body, runtime)
-    prompt_ids = await sized_work(len(raw), chat_prompt_ids, body, runtime, controls.tools)
+
+    async def prepare(runtime: ModelRuntime) -> _Prepared:
+        controls = await sized_work(len(raw), chat_output_controls, body, runtime)
+        prompt_ids = await sized_work(len(raw), chat_prompt_ids, body, runtime, controls.tools)
+        return _Prepared(prompt_ids, controls)
+
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return await _respond(request, state, body, "chat", prompt_ids, max_tokens, controls)
+    return await _respond(request, body, "chat", prepare, max_tokens)
 
 
 @post("/v1/completions", status_code=200)
@@ -72,13 +103,15 @@ async def completions(request: AnyRequest) -> Response[Any]:
     raw = await json_bytes(request)
     body = decode_body(raw, CompletionRequest)
     reject_unsupported_completion(body)
-    state = gateway_state(request)
-    runtime = state.models.get(body.model)
-    controls = await sized_work(len(raw), completion_output_controls, body, runtime)
-    prompt_ids = await sized_work(len(raw), completion_prompt_ids, body, runtime)
-    echoed = _echoed_prompt(body, runtime, prompt_ids) if body.echo else ""
+
+    async def prepare(runtime: ModelRuntime) -> _Prepared:
+        controls = await sized_work(len(raw), completion_output_controls, body, runtime)
+        prompt_ids = await sized_work(len(raw), completion_prompt_ids, body, runtime)
+        echoed = _echoed_prompt(body, runtime, prompt_ids) if body.echo else ""
+        return _Prepared(prompt_ids, controls, echoed)
+
     # The legacy endpoint's max_tokens defaults to 16, as OpenAI's does.
-    return await _respond(request, state, body, "text", prompt_ids, body.max_tokens or 16, controls, echoed)
+    return await _respond(request, body, "text", prepare, body.max_tokens or 16)
 
 
 def _echoed_prompt(body: CompletionRequest, runtime: ModelRuntime, prompt_ids: list[int]) -> str:
@@ -92,39 +125,71 @@ def _echoed_prompt(body: CompletionRequest, runtime: ModelRuntime, prompt_ids: l
 
 
 async def _respond(
-    request: AnyRequest,
-    state: GatewayState,
-    body: SamplingFields,
-    kind: str,
-    prompt_ids: list[int],
-    max_tokens: int | None,
-    controls: OutputControls,
-    echoed: str = "",
+    request: AnyRequest, body: SamplingFields, kind: str, prepare: _Prepare, max_tokens: int | None
 ) -> Response[Any]:
+    state = gateway_state(request)
     runtime = state.models.get(body.model)
-    sampling = sampling_params(body, runtime, len(prompt_ids), max_tokens)
-    n = body.n or 1
-    reservation = runtime.queue.reserve(n)
+    prepared = await prepare(runtime)
+    sampling = sampling_params(body, runtime, len(prepared.prompt_ids), max_tokens)
+    reservation = runtime.queue.reserve(body.n or 1)
+    key = current_key(request)
+    fallbacks = [model for model in state.models.fallbacks_of(runtime) if key.allows_model(model.name)]
     endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
     try:
         ticket = await admit(
             request,
             runtime,
             endpoint=endpoint,
-            prompt_tokens=len(prompt_ids),
-            max_new_tokens=sampling.max_tokens * n,
+            prompt_tokens=len(prepared.prompt_ids),
+            max_new_tokens=sampling.max_tokens * (body.n or 1),
             user=body.user,
+            fallbacks=fallbacks,
         )
     except BaseException:
         reservation.release()
         raise
+    first = _attempt(request, body, kind, runtime, prepared, sampling, reservation)
+
+    def later() -> AsyncGenerator[_Attempt]:
+        return _fallback_attempts(request, body, kind, fallbacks, prepare, max_tokens)
+
+    chain = FirstToStart(first, later if fallbacks else None)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
+        return SettledStream(
+            # With fallbacks, the role chunks wait for the first event: every chunk names the
+            # model that serves.
+            _stream(chain, ticket, writer, roles_first=not fallbacks),
+            # A client that leaves before the body starts never runs the stream's own clean-up.
+            on_close=lambda: _abandon(chain, ticket),
+            media_type="text/event-stream",
+            headers={**SSE_HEADERS, **ticket.headers},
+        )
+    replies = await _collect(request, chain, ticket)
+    build = chat_body if kind == "chat" else text_body
+    served = chain.generation
+    headers = {**ticket.headers, SERVED_MODEL_HEADER: served.runtime.name}
+    return Response(build(served, _served_name(chain, body.model), replies), status_code=200, headers=headers)
+
+
+def _attempt(
+    request: AnyRequest,
+    body: SamplingFields,
+    kind: str,
+    runtime: ModelRuntime,
+    prepared: _Prepared,
+    sampling: SamplingParams,
+    reservation: Reservation,
+) -> _Attempt:
+    controls = prepared.controls
     generation = Generation(
         runtime,
         request_id(request),
-        prompt_ids,
+        prepared.prompt_ids,
         sampling,
         stop_sequences(body.stop),
-        n,
+        body.n or 1,
         reservation=reservation,
         continuation=kind == "text",
         constraint=controls.constraint,
@@ -132,32 +197,45 @@ async def _respond(
         prompt_logprobs=controls.prompt_logprobs,
     )
     assemblers = [
-        ChoiceAssembler(controls.tools, logprobs=controls.logprobs is not None, prefix=echoed)
+        ChoiceAssembler(controls.tools, logprobs=controls.logprobs is not None, prefix=prepared.echoed)
         for _ in range(generation.n)
     ]
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        writer = ChunkWriter("chat" if kind == "chat" else "text", body.model, include_usage)
-        return SettledStream(
-            _stream(generation, ticket, writer, assemblers),
-            # A client that leaves before the body starts never runs the stream's own clean-up.
-            on_close=lambda: _abandon(generation, ticket),
-            media_type="text/event-stream",
-            headers={**SSE_HEADERS, **ticket.headers},
-        )
-    replies = await _collect(request, generation, ticket, assemblers)
-    build = chat_body if kind == "chat" else text_body
-    return Response(build(generation, body.model, replies), status_code=200, headers=ticket.headers)
+    return _Attempt(generation, assemblers)
 
 
-async def _collect(
-    request: AnyRequest, generation: Generation, ticket: Ticket, assemblers: list[ChoiceAssembler]
-) -> dict[int, ChoiceReply]:
+async def _fallback_attempts(
+    request: AnyRequest,
+    body: SamplingFields,
+    kind: str,
+    fallbacks: list[ModelRuntime],
+    prepare: _Prepare,
+    max_tokens: int | None,
+) -> AsyncGenerator[_Attempt]:
+    """The request built for each fallback in turn; one that cannot take it (too long a prompt, a
+    feature it lacks, a full queue) is passed over."""
+    for runtime in fallbacks:
+        try:
+            prepared = await prepare(runtime)
+            sampling = sampling_params(body, runtime, len(prepared.prompt_ids), max_tokens)
+            reservation = runtime.queue.reserve(body.n or 1)
+        except ApiError as exc:
+            _logger.warning("fallback_passed_over", fallback=runtime.name, reason=exc.message)
+            continue
+        yield _attempt(request, body, kind, runtime, prepared, sampling, reservation)
+
+
+def _served_name(chain: FirstToStart[_Attempt], requested: str) -> str:
+    """The ``model`` a response names: as the client asked for it, or the fallback that served."""
+    return chain.generation.runtime.name if chain.fell_back else requested
+
+
+async def _collect(request: AnyRequest, chain: FirstToStart[_Attempt], ticket: Ticket) -> dict[int, ChoiceReply]:
     """Run a non-streamed generation, stopping it if the client disconnects meanwhile."""
 
     async def run() -> None:
-        async for event in generation.events():
-            assemblers[event.index].feed(event)
+        async with contextlib.aclosing(chain.events()) as events:
+            async for event in events:
+                chain.current.assemblers[event.index].feed(event)
 
     work = asyncio.create_task(run())
     watcher = asyncio.create_task(_wait_for_disconnect(request))
@@ -166,7 +244,7 @@ async def _collect(
         done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if work in done:
             work.result()
-            status = usage_status(generation)
+            status = usage_status(chain.generation)
         else:
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
@@ -176,8 +254,8 @@ async def _collect(
     finally:
         watcher.cancel()
         work.cancel()
-        await ticket.finish(generation, status)
-    return {index: assembler.reply for index, assembler in enumerate(assemblers)}
+        await ticket.finish(chain.generation, status)
+    return {index: assembler.reply for index, assembler in enumerate(chain.current.assemblers)}
 
 
 async def _wait_for_disconnect(request: AnyRequest) -> None:
@@ -188,17 +266,28 @@ async def _wait_for_disconnect(request: AnyRequest) -> None:
 
 
 async def _stream(
-    generation: Generation, ticket: Ticket, writer: ChunkWriter, assemblers: list[ChoiceAssembler]
+    chain: FirstToStart[_Attempt], ticket: Ticket, writer: ChunkWriter, *, roles_first: bool
 ) -> AsyncIterator[bytes]:
     status: UsageStatus | None = None
+    n = chain.generation.n
     try:
-        if writer.kind == "chat":
-            for index in range(generation.n):
+        roles_pending = writer.kind == "chat"
+        if roles_first and roles_pending:
+            roles_pending = False
+            for index in range(n):
                 yield writer.role(index)
         held_finish: bytes | None = None
-        async for event in generation.events():
+        first = True
+        async for event in chain.events():
+            if first:
+                first = False
+                writer.model = _served_name(chain, writer.model)
+                if roles_pending:
+                    for index in range(n):
+                        yield writer.role(index)
+            generation = chain.generation
             index = event.index
-            for piece in assemblers[index].feed(event):
+            for piece in chain.current.assemblers[index].feed(event):
                 if isinstance(piece, Content):
                     yield writer.content(index, piece.text, piece.logprobs)
                 elif isinstance(piece, ToolCallStarted):
@@ -211,26 +300,26 @@ async def _stream(
                         held_finish = finish  # the last bytes wait for the usage row
                     else:
                         yield finish
-        status = usage_status(generation)
-        await ticket.finish(generation, status)
+        status = usage_status(chain.generation)
+        await ticket.finish(chain.generation, status)
         if held_finish is not None:
             yield held_finish
         if writer.include_usage:
-            yield writer.usage(generation)
+            yield writer.usage(chain.generation)
         yield b"data: [DONE]\n\n"
     except BackendError:
         status = "failed"
-        await ticket.finish(generation, status)
+        await ticket.finish(chain.generation, status)
         yield error_event("The model failed while generating; please retry.")
     finally:
         if status is None:
-            _in_background(ticket.finish(generation, "cancelled"))
+            _in_background(ticket.finish(chain.generation, "cancelled"))
 
 
-def _abandon(generation: Generation, ticket: Ticket) -> None:
+def _abandon(chain: FirstToStart[_Attempt], ticket: Ticket) -> None:
     """Settle a stream whose body never ran; a no-op when it ran (its ticket is finished)."""
-    generation.release_unused_slots()
-    _in_background(ticket.finish(generation, "cancelled"))
+    chain.generation.release_unused_slots()
+    _in_background(ticket.finish(chain.generation, "cancelled"))
 
 
 @get("/v1/models")
