@@ -1,5 +1,8 @@
 """Admin routes (admin-scope keys only): manage API keys and read everyone's usage.
 
+``GET /admin/usage`` takes the filters, groupings, buckets and formats of ``gateway.api.usage_reports``;
+``GET /admin/usage/latency`` and ``GET /admin/usage/budgets`` are ``gateway.api.usage_insights``'.
+
 ``POST /admin/keys`` answers 201 with the key's fields and, this once, its plaintext ``key``.
 Keys are never deleted: ``POST /admin/keys/{id}/revoke`` and ``DELETE /admin/keys/{id}`` both
 revoke, and the key stops working on every replica within ``key_cache_seconds``. Errors use
@@ -12,11 +15,12 @@ from collections.abc import Awaitable
 from typing import Any
 
 import msgspec
-from litestar import Request, Router, delete, get, patch, post
+from litestar import Request, Response, Router, delete, get, patch, post
 
 from gateway.accounting.keys import ApiKeyInfo, InvalidKeyFields, KeyNotFound, KeyStore, KeyUpdate, NewKey, key_fields
 from gateway.api.auth import ADMIN
 from gateway.api.json_bodies import check_depth, decode_body, json_bytes
+from gateway.api.usage_insights import all_budgets, all_latency
 from gateway.api.usage_reports import run_report, usage_query
 from gateway.errors import ApiError, echo, invalid_request
 from gateway.state import gateway_state
@@ -123,13 +127,23 @@ async def delete_key(request: AnyRequest, key_id: str) -> dict[str, Any]:
 
 
 @get("/usage")
-async def all_usage(request: AnyRequest) -> dict[str, Any]:
+async def all_usage(request: AnyRequest) -> Response[Any]:
     """Every key's usage (``key`` narrows it to one), grouped by key unless asked otherwise."""
     return await run_report(request, usage_query(request, default_group="key"))
 
 
 ADMIN_ROUTES = Router(
     path="/admin",
-    route_handlers=[create_key, list_keys, get_key, update_key, revoke_key, delete_key, all_usage],
+    route_handlers=[
+        create_key,
+        list_keys,
+        get_key,
+        update_key,
+        revoke_key,
+        delete_key,
+        all_usage,
+        all_latency,
+        all_budgets,
+    ],
     opt={ADMIN: True},
 )

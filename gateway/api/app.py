@@ -19,6 +19,7 @@ from gateway.api.admin import ADMIN_ROUTES
 from gateway.api.allow_header import complete_allow_header
 from gateway.api.auth import require_api_key
 from gateway.api.client_gone import CLIENT_CLOSED_REQUEST, left_before_body
+from gateway.api.dashboard import DASHBOARD_ROUTES
 from gateway.api.garbage import freeze_startup_objects
 from gateway.api.openai.routes import OPENAI_ROUTES
 from gateway.api.openapi import openapi_config
@@ -26,6 +27,7 @@ from gateway.api.probes import health, metrics, ready
 from gateway.api.replicate.routes import REPLICATE_ROUTES, is_replicate_path, problem_http_error_response
 from gateway.api.replicate.runner import close_predictions, open_predictions
 from gateway.api.request_ids import RequestIdMiddleware, add_request_id_header
+from gateway.api.usage_insights import own_budget, own_latency
 from gateway.api.usage_reports import own_usage
 from gateway.errors import ApiError
 from gateway.observability.logs import litestar_logging_config
@@ -125,7 +127,18 @@ def create_app(
             await accounting.aclose()
 
     return Litestar(
-        route_handlers=[health, ready, metrics, *OPENAI_ROUTES, REPLICATE_ROUTES, ADMIN_ROUTES, own_usage],
+        route_handlers=[
+            health,
+            ready,
+            metrics,
+            *OPENAI_ROUTES,
+            REPLICATE_ROUTES,
+            ADMIN_ROUTES,
+            own_usage,
+            own_latency,
+            own_budget,
+            DASHBOARD_ROUTES,
+        ],
         middleware=[RequestIdMiddleware, *observability.middleware],
         before_request=require_api_key,
         before_send=[add_request_id_header, complete_allow_header],

@@ -24,6 +24,7 @@ from litestar.routes import HTTPRoute
 from litestar.serialization import encode_json
 
 from gateway.accounting.keys import KeyUpdate, NewKey
+from gateway.accounting.usage import BUCKETS, GROUPINGS
 from gateway.api.auth import PUBLIC
 from gateway.api.openai.request_bodies import ChatCompletionRequest, CompletionRequest
 from gateway.api.replicate.problems import PROBLEM_MEDIA_TYPE, Problem
@@ -141,18 +142,26 @@ _RESPONSES: Mapping[tuple[str, str], str] = {
     ("POST", "/v1/chat/completions"): ChatCompletion.__name__,
     ("POST", "/v1/completions"): TextCompletion.__name__,
 }
-_USAGE_QUERY = (
+_USAGE_FILTERS = (
     ("model", {"type": "string"}, "Only this model's requests."),
     ("since", {"type": "string"}, "Inclusive start: an ISO date (its UTC midnight), an ISO date-time or Unix seconds."),
     ("until", {"type": "string"}, "Exclusive end, in the same forms as since."),
-    ("group_by", {"type": "string", "enum": ["key", "model", "day"]}, "How rows are grouped."),
+    ("group_by", {"type": "string", "enum": list(GROUPINGS)}, "How rows are grouped (days and hours are UTC)."),
     ("key", {"type": "string"}, "Only this key's requests (an id)."),
+)
+_USAGE_QUERY = (
+    *_USAGE_FILTERS,
+    ("bucket", {"type": "string", "enum": list(BUCKETS)}, "Split every group by the UTC hour or day."),
+    ("format", {"type": "string", "enum": ["json", "csv"]}, "csv: what 'llama-gateway usage report' prints."),
 )
 _QUERY_PARAMETERS: Mapping[tuple[str, str], tuple[tuple[str, dict[str, Any], str], ...]] = {
     ("GET", "/v1/usage"): _USAGE_QUERY,
     ("GET", "/admin/usage"): _USAGE_QUERY,
+    ("GET", "/v1/usage/latency"): _USAGE_FILTERS,
+    ("GET", "/admin/usage/latency"): _USAGE_FILTERS,
     ("GET", "/admin/keys"): (("include_revoked", {"type": "boolean"}, "List revoked keys too."),),
 }
+_USAGE_REPORTS = {("GET", "/v1/usage"), ("GET", "/admin/usage")}
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -211,6 +220,8 @@ def complete_document(document: Mapping[str, Any], app: Litestar) -> dict[str, A
                 operation["parameters"] = [*operation.get("parameters", []), *query]
             if key in _RESPONSES:
                 operation["responses"]["200"] = _completion_response(_RESPONSES[key])
+            if key in _USAGE_REPORTS:
+                operation["responses"]["200"] = _usage_report_response()
             if handler.opt.get(PUBLIC):
                 operation["security"] = []
                 continue
@@ -273,6 +284,13 @@ def _completion_response(name: str) -> dict[str, Any]:
             "application/json": {"schema": _ref(name)},
             "text/event-stream": {"schema": {"type": "string"}},
         },
+    }
+
+
+def _usage_report_response() -> dict[str, Any]:
+    return {
+        "description": "The usage report; with format=csv, the same rows as CSV.",
+        "content": {"application/json": {"schema": {"type": "object"}}, "text/csv": {"schema": {"type": "string"}}},
     }
 
 

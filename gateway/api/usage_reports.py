@@ -1,28 +1,34 @@
 """Usage reports over HTTP: ``GET /v1/usage`` (the calling key's own) and the filters it shares
-with ``GET /admin/usage``.
+with ``GET /admin/usage`` and the latency routes (``gateway.api.usage_insights``).
 
 Query parameters: ``model``; ``since`` (inclusive) and ``until`` (exclusive) as an ISO date (its UTC
 midnight), an ISO date-time (UTC unless it names a zone) or Unix seconds; ``group_by`` ``key``,
-``model`` or ``day`` (UTC days). Amounts are USD as decimal strings, exact to ten places, so that no
-client reads money as a float.
+``model``, ``status``, ``day`` or ``hour`` (UTC days and hours: ``2025-01-31``,
+``2025-01-31T13:00Z``); ``bucket`` ``hour`` or ``day`` to split every group by the UTC hour or day
+its requests started in (each row then names its ``bucket``: the series of a chart); ``format``
+``json`` (the default) or ``csv``. Amounts are USD as decimal strings, exact to ten places, so that
+no client reads money as a float. The CSV is byte for byte what ``llama-gateway usage report
+--format csv`` prints for the same filters (``gateway.accounting.usage.report_rows``).
+Every value the gateway cannot read is a 400 naming its parameter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, time
 from decimal import Decimal
-from typing import Any, cast, get_args
+from typing import Any, cast
 
-from litestar import Request, get
+from litestar import Request, Response, get
 
-from gateway.accounting.usage import GroupBy, UsageReport, UsageTotals, usage_report
+from gateway.accounting.usage import BUCKETS, GROUPINGS, Bucket, GroupBy, UsageReport, UsageTotals, usage_report
+from gateway.accounting.usage.report_rows import CSV_MEDIA_TYPE, report_csv
 from gateway.api.auth import current_key
 from gateway.errors import ApiError, echo, invalid_request
 from gateway.state import gateway_state
 
 AnyRequest = Request[Any, Any, Any]
-GROUPINGS: tuple[str, ...] = get_args(GroupBy)
+FORMATS = ("json", "csv")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +38,7 @@ class UsageQuery:
     model: str | None
     since: datetime | None
     until: datetime | None
+    bucket: Bucket | None = None
 
     def filters(self) -> dict[str, str | None]:
         return {
@@ -64,15 +71,27 @@ def _moment(text: str, param: str) -> datetime:
     return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
 
 
-def usage_query(request: AnyRequest, *, default_group: GroupBy) -> UsageQuery:
-    """The report's filters from the query string; a bad value is a 400 naming its parameter."""
-    params = request.query_params
-    group: str = params.get("group_by") or default_group
-    if group not in GROUPINGS:
+def choice(request: AnyRequest, param: str, allowed: tuple[str, ...], default: str | None) -> str | None:
+    """A query parameter that must be one of ``allowed``; absent or empty gives ``default``."""
+    value = request.query_params.get(param) or default
+    if value is not None and value not in allowed:
         raise invalid_request(
-            f"'{echo(group)}' is not a valid 'group_by': use one of {', '.join(GROUPINGS)}.",
-            param="group_by",
+            f"'{echo(value)}' is not a valid '{param}': use one of {', '.join(allowed)}.",
+            param=param,
             code="invalid_value",
+        )
+    return value
+
+
+def usage_query(request: AnyRequest, *, default_group: GroupBy, bucketed: bool = True) -> UsageQuery:
+    """The report's filters from the query string; a bad value is a 400 naming its parameter.
+    ``bucketed=False``: the route has no time buckets, and ``bucket`` is refused."""
+    params = request.query_params
+    group = cast(GroupBy, choice(request, "group_by", GROUPINGS, default_group))
+    bucket = cast(Bucket | None, choice(request, "bucket", BUCKETS, None))
+    if bucket is not None and not bucketed:
+        raise invalid_request(
+            "This route does not split groups by time: leave out 'bucket'.", param="bucket", code="invalid_value"
         )
     since = _moment(raw, "since") if (raw := params.get("since")) else None
     until = _moment(raw, "until") if (raw := params.get("until")) else None
@@ -82,7 +101,22 @@ def usage_query(request: AnyRequest, *, default_group: GroupBy) -> UsageQuery:
         if "\x00" in (params.get(name) or ""):
             # No key id or model name holds one, and PostgreSQL refuses it in a text parameter (a 500).
             raise invalid_request(f"'{name}' must not contain a NUL character.", param=name, code="invalid_value")
-    return UsageQuery(cast(GroupBy, group), params.get("key") or None, params.get("model") or None, since, until)
+    return UsageQuery(group, params.get("key") or None, params.get("model") or None, since, until, bucket)
+
+
+def own_query(request: AnyRequest, *, default_group: GroupBy, bucketed: bool = True) -> UsageQuery:
+    """``usage_query`` narrowed to the calling key; asking for another key's usage is a 403."""
+    key = current_key(request)
+    query = usage_query(request, default_group=default_group, bucketed=bucketed)
+    if query.key_id is not None and query.key_id != key.id:
+        raise ApiError(
+            403,
+            "This route reports the calling key's own usage; other keys' usage needs an admin key (/admin/usage).",
+            type="permission_error",
+            param="key",
+            code="forbidden",
+        )
+    return replace(query, key_id=key.id)
 
 
 def _usd(amount: Decimal) -> str:
@@ -92,6 +126,7 @@ def _usd(amount: Decimal) -> str:
 
 def _totals_json(totals: UsageTotals) -> dict[str, Any]:
     return {
+        **({"bucket": totals.bucket} if totals.bucket is not None else {}),
         "group": totals.group,
         "label": totals.label,
         "requests": totals.requests,
@@ -108,35 +143,36 @@ def report_json(report: UsageReport, query: UsageQuery) -> dict[str, Any]:
     return {
         "object": "usage_report",
         "group_by": report.group_by,
+        **({"bucket": report.bucket} if report.bucket is not None else {}),
         "filters": query.filters(),
         "data": [_totals_json(row) for row in report.rows],
         "total": _totals_json(report.total),
     }
 
 
-async def run_report(request: AnyRequest, query: UsageQuery) -> dict[str, Any]:
+async def run_report(request: AnyRequest, query: UsageQuery) -> Response[Any]:
+    """The report as JSON, or as CSV with ``format=csv``."""
+    csv = choice(request, "format", FORMATS, "json") == "csv"
     report = await usage_report(
         gateway_state(request).accounting.sessionmaker,
         group_by=query.group_by,
+        bucket=query.bucket,
         key_id=query.key_id,
         model=query.model,
         since=query.since,
         until=query.until,
     )
-    return report_json(report, query)
+    if not csv:
+        return Response(report_json(report, query))
+    name = f"usage-by-{query.group_by}" + (f"-{query.bucket}" if query.bucket else "")
+    return Response(
+        report_csv(report).encode(),
+        media_type=CSV_MEDIA_TYPE,
+        headers={"content-disposition": f'attachment; filename="{name}.csv"'},
+    )
 
 
 @get("/v1/usage")
-async def own_usage(request: AnyRequest) -> dict[str, Any]:
+async def own_usage(request: AnyRequest) -> Response[Any]:
     """The calling key's usage, grouped by UTC day unless asked otherwise."""
-    key = current_key(request)
-    query = usage_query(request, default_group="day")
-    if query.key_id is not None and query.key_id != key.id:
-        raise ApiError(
-            403,
-            "This route reports the calling key's own usage; other keys' usage needs an admin key (/admin/usage).",
-            type="permission_error",
-            param="key",
-            code="forbidden",
-        )
-    return await run_report(request, UsageQuery(query.group_by, key.id, query.model, query.since, query.until))
+    return await run_report(request, own_query(request, default_group="day"))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,19 +10,17 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from gateway.accounting.usage.report_rows import csv_text
+
 
 def emit(rows: Sequence[Mapping[str, Any]], fmt: str, *, title: str | None = None) -> None:
     if fmt == "json":
         click.echo(json.dumps(list(rows), indent=2, default=str))
         return
-    columns = list(rows[0]) if rows else []
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        click.echo(buffer.getvalue(), nl=False)
+        click.echo(csv_text(rows), nl=False)
         return
+    columns = list(rows[0]) if rows else []
     table = Table(title=title)
     for column in columns:
         table.add_column(column)

@@ -1,4 +1,4 @@
-"""``llama-gateway usage report``: requests, tokens and USD by key, model or day."""
+"""``llama-gateway usage report``: requests, tokens and USD by key, model, status, UTC day or hour."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from datetime import datetime
 
 import click
 
-from gateway.accounting.usage import GroupBy, UsageTotals, format_usd, usage_report
+from gateway.accounting.usage import BUCKETS, GROUPINGS, Bucket, GroupBy, usage_report
+from gateway.accounting.usage.report_rows import report_csv, report_rows
 from gateway.cli.common import (
     config_option,
     format_option,
@@ -31,19 +32,6 @@ class Moment(click.ParamType[datetime]):
             self.fail(f"{value!r} is not an ISO date (2025-01-31) or date-time", param, ctx)
 
 
-def _row(totals: UsageTotals, group_by: GroupBy, *, for_table: bool) -> dict[str, object]:
-    amounts = (totals.input_cost, totals.output_cost, totals.total_cost)
-    names = ("input $", "output $", "total $") if for_table else ("input_usd", "output_usd", "total_usd")
-    return {
-        group_by: totals.group,
-        **({"name": totals.label} if group_by == "key" else {}),
-        "requests": totals.requests,
-        ("prompt" if for_table else "prompt_tokens"): totals.prompt_tokens,
-        ("completion" if for_table else "completion_tokens"): totals.completion_tokens,
-        **{name: format_usd(amount) for name, amount in zip(names, amounts, strict=True)},
-    }
-
-
 @click.group()
 def usage() -> None:
     """Report usage and spend recorded per request."""
@@ -55,7 +43,8 @@ def usage() -> None:
 @click.option("--model", help="Only this model.")
 @click.option("--since", type=Moment(), help="From this UTC date or time (inclusive).")
 @click.option("--until", type=Moment(), help="Up to this UTC date or time (exclusive).")
-@click.option("--group-by", type=click.Choice(["key", "model", "day"]), default="key", show_default=True)
+@click.option("--group-by", type=click.Choice(GROUPINGS), default="key", show_default=True)
+@click.option("--bucket", type=click.Choice(BUCKETS), help="Split each group by the UTC hour or day.")
 @format_option
 @run_async
 async def report(
@@ -65,18 +54,22 @@ async def report(
     since: datetime | None,
     until: datetime | None,
     group_by: GroupBy,
+    bucket: Bucket | None,
     fmt: str,
 ) -> None:
-    """Requests, tokens and USD grouped by key, model or UTC day, with totals."""
+    """Requests, tokens and USD grouped by key, model, status, UTC day or UTC hour, with totals.
+
+    The CSV is the one the HTTP API answers for ``format=csv`` with the same filters."""
     result = await with_database(
         settings_from(config_path),
-        lambda sm: usage_report(sm, group_by=group_by, key_id=key_id, model=model, since=since, until=until),
+        lambda sm: usage_report(
+            sm, group_by=group_by, bucket=bucket, key_id=key_id, model=model, since=since, until=until
+        ),
     )
     if fmt == "json":
         click.echo(json.dumps(result.as_dict(), indent=2))
-        return
-    for_table = fmt == "table"
-    rows = [_row(totals, group_by, for_table=for_table) for totals in result.rows]
-    total = _row(result.total, group_by, for_table=for_table)
-    # The total is a row of its own in CSV and tables, so that spreadsheets and eyes find it alike.
-    emit([*rows, total], fmt, title=f"Usage by {group_by}")
+    elif fmt == "csv":
+        click.echo(report_csv(result), nl=False)
+    else:
+        title = f"Usage by {group_by}" + (f" and {bucket}" if bucket else "")
+        emit(report_rows(result, for_table=True), fmt, title=title)

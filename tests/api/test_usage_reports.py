@@ -125,7 +125,7 @@ def test_without_a_valid_key_it_is_401(live: LiveGateway) -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "param"), [({"group_by": "hour"}, "group_by"), ({"since": "soon"}, "since"), ({"until": "x"}, "until")]
+    ("params", "param"), [({"group_by": "week"}, "group_by"), ({"since": "soon"}, "since"), ({"until": "x"}, "until")]
 )
 def test_invalid_filters_are_400(live: LiveGateway, params: dict[str, str], param: str) -> None:
     _, key = create_key(live, name="typo")

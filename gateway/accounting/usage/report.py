@@ -1,7 +1,8 @@
-"""Usage reports: requests, tokens and USD per key, model or day, with totals.
+"""Usage reports: requests, tokens and USD per key, model, status, UTC day or UTC hour, with totals.
 
-Used by ``llama-gateway usage report``, the admin API and ``GET /v1/usage``. Days are UTC days.
-``since`` is inclusive and ``until`` exclusive, both on the request's start time.
+Used by ``llama-gateway usage report``, the admin API and ``GET /v1/usage``. ``since`` is inclusive
+and ``until`` exclusive, both on the request's start time. With a ``bucket`` (hour or day) each
+group is split further by the time its requests started in: the series a chart draws.
 """
 
 from __future__ import annotations
@@ -9,22 +10,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Any
 
-from sqlalchemy import ColumnElement, String, cast, func, null, select
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from gateway.accounting.usage.groupings import (
+    Bucket,
+    GroupBy,
+    group_columns,
+    needs_key_join,
+    time_bucket,
+    usage_filters,
+)
 from gateway.db.column_types import MONEY_QUANTUM
 from gateway.db.tables import ApiKey, UsageRecord
 
-GroupBy = Literal["key", "model", "day"]
 ZERO = Decimal("0E-10")
 
 
 @dataclass(frozen=True, slots=True)
 class UsageTotals:
     group: str
-    """The key id, model name, or day (YYYY-MM-DD); "total" for the report's total."""
+    """The key id, model name, status, day (YYYY-MM-DD) or hour (YYYY-MM-DDTHH:00Z); "total" for
+    the report's total."""
     label: str | None
     """The key's name when grouped by key."""
     requests: int
@@ -32,6 +41,8 @@ class UsageTotals:
     completion_tokens: int
     input_cost: Decimal
     output_cost: Decimal
+    bucket: str | None = None
+    """The UTC day or hour of a bucketed report's row; None otherwise and on the total."""
 
     @property
     def total_tokens(self) -> int:
@@ -44,20 +55,21 @@ class UsageTotals:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready; amounts as strings so that no consumer reads them as floats."""
         return {
+            **({"bucket": self.bucket} if self.bucket is not None else {}),
             "group": self.group,
             "label": self.label,
             "requests": self.requests,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
-            "input_cost_usd": _fixed(self.input_cost),
-            "output_cost_usd": _fixed(self.output_cost),
-            "total_cost_usd": _fixed(self.total_cost),
+            "input_cost_usd": fixed_usd(self.input_cost),
+            "output_cost_usd": fixed_usd(self.output_cost),
+            "total_cost_usd": fixed_usd(self.total_cost),
         }
 
 
-def _fixed(amount: Decimal) -> str:
-    # Plain digits at the stored precision: str(Decimal) writes small amounts as "1.95E-7".
+def fixed_usd(amount: Decimal) -> str:
+    """Plain digits at the stored precision: str(Decimal) writes small amounts as "1.95E-7"."""
     return f"{amount.quantize(MONEY_QUANTUM):f}"
 
 
@@ -66,42 +78,22 @@ class UsageReport:
     group_by: GroupBy
     rows: list[UsageTotals]
     total: UsageTotals
+    bucket: Bucket | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "group_by": self.group_by,
+            **({"bucket": self.bucket} if self.bucket is not None else {}),
             "rows": [row.as_dict() for row in self.rows],
             "total": self.total.as_dict(),
         }
-
-
-def _day(dialect: str) -> ColumnElement[str]:
-    started = UsageRecord.started_at
-    if dialect == "postgresql":
-        return func.to_char(func.timezone("UTC", started), "YYYY-MM-DD")
-    # SQLite holds UTC timestamps as text (see gateway.db.column_types.UtcDateTime).
-    return func.strftime("%Y-%m-%d", started)
-
-
-def _where(
-    key_id: str | None, model: str | None, since: datetime | None, until: datetime | None
-) -> list[ColumnElement[bool]]:
-    conditions: list[ColumnElement[bool]] = []
-    if key_id is not None:
-        conditions.append(UsageRecord.key_id == key_id)
-    if model is not None:
-        conditions.append(UsageRecord.model == model)
-    if since is not None:
-        conditions.append(UsageRecord.started_at >= since)
-    if until is not None:
-        conditions.append(UsageRecord.started_at < until)
-    return conditions
 
 
 async def usage_report(
     sessionmaker: async_sessionmaker[AsyncSession],
     *,
     group_by: GroupBy = "key",
+    bucket: Bucket | None = None,
     key_id: str | None = None,
     model: str | None = None,
     since: datetime | None = None,
@@ -109,42 +101,47 @@ async def usage_report(
 ) -> UsageReport:
     async with sessionmaker() as session:
         dialect = (await session.connection()).dialect.name
-        group: ColumnElement[str]
-        label: ColumnElement[str] = cast(null(), String)  # NULL unless grouped by key
-        if group_by == "key":
-            group, label = UsageRecord.key_id.expression, ApiKey.name.expression
-        elif group_by == "model":
-            group = UsageRecord.model.expression
-        else:
-            group = _day(dialect)
+        group, label = group_columns(group_by, dialect)
+        keys: list[ColumnElement[str]] = [group, label] if needs_key_join(group_by) else [group]
+        if bucket is not None:
+            keys.insert(0, time_bucket(bucket, dialect))
         query = select(
-            group.label("group"),
-            label.label("label"),
+            *keys,
             func.count().label("requests"),
             func.sum(UsageRecord.prompt_tokens),
             func.sum(UsageRecord.completion_tokens),
             func.sum(UsageRecord.input_cost),
             func.sum(UsageRecord.output_cost),
         ).select_from(UsageRecord)
-        if group_by == "key":
-            query = query.join(ApiKey, ApiKey.id == UsageRecord.key_id).group_by(group, label)
-        else:
-            query = query.group_by(group)
-        result = await session.execute(query.where(*_where(key_id, model, since, until)).order_by(group))
-        rows = [
-            UsageTotals(
-                group=str(row[0]),
-                label=row[1],
-                requests=int(row[2]),
-                prompt_tokens=int(row[3] or 0),
-                completion_tokens=int(row[4] or 0),
-                input_cost=row[5] or ZERO,
-                output_cost=row[6] or ZERO,
-            )
-            for row in result.all()
-        ]
-    # Summed here, not in SQL: Decimal addition is exact, and the total must equal its rows.
-    total = UsageTotals(
+        if needs_key_join(group_by):
+            query = query.join(ApiKey, ApiKey.id == UsageRecord.key_id)
+        query = query.where(*usage_filters(key_id, model, since, until)).group_by(*keys).order_by(*keys)
+        result = await session.execute(query)
+        rows = [_totals(row, bucketed=bucket is not None, labelled=needs_key_join(group_by)) for row in result.all()]
+    return UsageReport(group_by, rows, sum_totals(rows), bucket)
+
+
+def _totals(row: Any, *, bucketed: bool, labelled: bool) -> UsageTotals:
+    values = list(row)
+    bucket = str(values.pop(0)) if bucketed else None
+    group = str(values.pop(0))
+    label = values.pop(0) if labelled else None
+    requests, prompt_tokens, completion_tokens, input_cost, output_cost = values
+    return UsageTotals(
+        group=group,
+        label=label,
+        requests=int(requests),
+        prompt_tokens=int(prompt_tokens or 0),
+        completion_tokens=int(completion_tokens or 0),
+        input_cost=input_cost or ZERO,
+        output_cost=output_cost or ZERO,
+        bucket=bucket,
+    )
+
+
+def sum_totals(rows: list[UsageTotals]) -> UsageTotals:
+    """The total row. Summed here, not in SQL: Decimal addition is exact, and the total must equal its rows."""
+    return UsageTotals(
         "total",
         None,
         sum(r.requests for r in rows),
@@ -153,14 +150,24 @@ async def usage_report(
         sum((r.input_cost for r in rows), ZERO),
         sum((r.output_cost for r in rows), ZERO),
     )
-    return UsageReport(group_by, rows, total)
 
 
 async def spend_since(sessionmaker: async_sessionmaker[AsyncSession], key_id: str, since: datetime | None) -> Decimal:
     """What a key has spent since ``since`` (ever, if None): seeds the limiter's budget tracking."""
-    query = select(func.sum(UsageRecord.input_cost), func.sum(UsageRecord.output_cost)).where(
-        *_where(key_id, None, since, None)
+    return (await spend_by_key(sessionmaker, [key_id], since)).get(key_id, ZERO)
+
+
+async def spend_by_key(
+    sessionmaker: async_sessionmaker[AsyncSession], key_ids: list[str], since: datetime | None
+) -> dict[str, Decimal]:
+    """What each of ``key_ids`` has spent since ``since`` (ever, if None); keys without usage are absent."""
+    if not key_ids:
+        return {}
+    query = (
+        select(UsageRecord.key_id, func.sum(UsageRecord.input_cost), func.sum(UsageRecord.output_cost))
+        .where(UsageRecord.key_id.in_(key_ids), *usage_filters(None, None, since, None))
+        .group_by(UsageRecord.key_id)
     )
     async with sessionmaker() as session:
-        spent_in, spent_out = (await session.execute(query)).one()
-    return (spent_in or ZERO) + (spent_out or ZERO)
+        result = await session.execute(query)
+        return {key_id: (spent_in or ZERO) + (spent_out or ZERO) for key_id, spent_in, spent_out in result.all()}
