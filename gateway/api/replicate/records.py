@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import msgspec
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from gateway.api.replicate.predictions import TERMINAL, Page, Prediction
@@ -33,14 +32,6 @@ def new_delivery_id() -> str:
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True, slots=True)
-class Orphan:
-    """A prediction failed because its runner stopped renewing it."""
-
-    id: str
-    output_tokens: int
 
 
 class PredictionRecords:
@@ -100,8 +91,8 @@ class PredictionRecords:
                 return Page([], None, None)
             newest, oldest = records[0].seq, records[-1].seq
             owned = PredictionRecord.key_id == owner
-            has_older = await session.scalar(select(func.count()).where(owned, PredictionRecord.seq < oldest))
-            has_newer = await session.scalar(select(func.count()).where(owned, PredictionRecord.seq > newest))
+            has_older = await session.scalar(select(exists().where(owned, PredictionRecord.seq < oldest)))
+            has_newer = await session.scalar(select(exists().where(owned, PredictionRecord.seq > newest)))
         results = [Prediction.from_record(r) for r in records]
         return Page(results, oldest if has_older else None, newest if has_newer else None)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import aliased
@@ -44,7 +44,9 @@ MAX_RETRY_S = 300.0
 ATTEMPT_TIMEOUT_S = 10.0
 CLAIM_LEASE_S = 60.0
 """A claimed delivery whose sender died is retried after this long."""
-POLL_INTERVAL_S = 0.5
+POLL_INTERVAL_S = 1.0
+"""How often an idle sender looks for retries and other replicas' deliveries; its own replica's new
+deliveries wake it at once."""
 BATCH = 20
 MAX_ERROR_CHARS = 500
 
@@ -216,12 +218,3 @@ class WebhookSender:
             values = {"next_attempt_at": retry_at, "last_error": error}
         async with self._sessionmaker.begin() as session:
             await session.execute(update(WebhookDelivery).where(WebhookDelivery.seq == due.seq).values(**values))
-
-
-async def pending_deliveries(sessionmaker: async_sessionmaker[AsyncSession]) -> int:
-    """Deliveries neither delivered nor given up (for tests and the admin's eye)."""
-    async with sessionmaker() as session:
-        count = await session.scalar(
-            select(func.count()).where(WebhookDelivery.delivered_at.is_(None), WebhookDelivery.abandoned_at.is_(None))
-        )
-    return int(count or 0)

@@ -26,14 +26,19 @@ function showSignIn(message = "") {
   byId("api-key").focus();
 }
 
-async function refresh() {
-  let range;
+/** The chosen range, or null after saying on the page why it is not valid. */
+function rangeOrReport() {
   try {
-    range = chosenRange();
+    return chosenRange();
   } catch (error) {
     report(error.message, true);
-    return;
+    return null;
   }
+}
+
+async function refresh() {
+  const range = rangeOrReport();
+  if (range === null) return;
   report("Loading…");
   document.body.dataset.state = "loading";
   try {
@@ -70,13 +75,8 @@ async function start() {
 }
 
 async function exportCsv() {
-  let range;
-  try {
-    range = chosenRange();
-  } catch (error) {
-    report(error.message, true);
-    return;
-  }
+  const range = rangeOrReport();
+  if (range === null) return;
   const params = { since: range.since, until: range.until, group_by: range.by, bucket: range.bucket, format: "csv" };
   try {
     const response = await request("GET", who.usagePath, { params });
