@@ -38,6 +38,12 @@ class GenerationFailed(BackendError):
     """The engine failed while generating."""
 
 
+class GrammarRejected(GenerationFailed):
+    """The request's grammar leaves this model no reply: its language is empty (``[a&&b]``, a
+    schema that requires itself), or following it exceeds the grammar engine's limits. The
+    request's own fault, answered with a 400; another model would fail the same way."""
+
+
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """Every sampler setting, explicit: engines' own defaults are never relied upon.
@@ -90,6 +96,8 @@ class Constraint:
 
     grammar: str
     source: Mapping[str, object]
+    param: str | None = None
+    """The request field the grammar came from, named in the 400 when the model cannot follow it."""
 
 
 @dataclass(frozen=True, slots=True)

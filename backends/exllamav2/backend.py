@@ -8,7 +8,14 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 
 import backends.exllamav2.engine as engine
-from backends.base import BackendCapabilities, BackendUnavailable, GenerationFailed, GenerationRequest, TokenDelta
+from backends.base import (
+    BackendCapabilities,
+    BackendUnavailable,
+    GenerationFailed,
+    GenerationRequest,
+    GrammarRejected,
+    TokenDelta,
+)
 from backends.config import BackendConfig
 from backends.exllamav2.detokenizer import IncrementalDetokenizer
 from backends.exllamav2.messages import Event, Failure, Loaded
@@ -124,7 +131,7 @@ class ExLlamaV2Backend:
                 event = await events.get()
                 if isinstance(event, Failure):
                     finished = True
-                    raise GenerationFailed(event.message)
+                    raise (GrammarRejected if event.grammar else GenerationFailed)(event.message)
                 delta = text.push(event.token_ids)
                 if event.finish_reason is not None:
                     finished = True

@@ -31,7 +31,7 @@ from llguidance import LLMatcher, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 from numpy.typing import NDArray
 
-from backends.base import GenerationFailed, GenerationRequest, TokenLogprob
+from backends.base import GenerationFailed, GenerationRequest, GrammarRejected, TokenLogprob
 from backends.distributions import Logits, allowed_tokens, logsumexp, top_tokens
 
 # exllamav2 bans stop tokens before min_new_tokens with this value rather than -inf.
@@ -106,7 +106,7 @@ class TokenGuide:
         """The token exllamav2 sampled from the last masked row."""
         matcher = self._matcher
         if matcher is not None and token not in self._tokenizer.eos_tokens and not matcher.consume_token(token):
-            raise GenerationFailed(f"token {token} left the grammar: {matcher.get_error()}")
+            raise GrammarRejected(f"token {token} left the grammar: {matcher.get_error()}")
         if self._top is not None and self._row is not None:
             row, self._row = self._row, None
             lse = logsumexp(row)
@@ -130,7 +130,7 @@ class TokenGuide:
 
     def _check(self) -> None:
         if self._matcher is not None and self._matcher.is_error():
-            raise GenerationFailed(f"the grammar cannot be used: {self._matcher.get_error()}")
+            raise GrammarRejected(f"the grammar cannot be used: {self._matcher.get_error()}")
 
 
 def guided_filter_class(base: type) -> type:

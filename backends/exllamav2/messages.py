@@ -27,6 +27,8 @@ class Tokens:
 @dataclass(frozen=True, slots=True)
 class Failure:
     message: str
+    grammar: bool = False
+    """The request's grammar was refused (``GrammarRejected``), not the engine."""
 
 
 Event = Tokens | Failure

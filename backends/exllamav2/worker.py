@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from backends.base import BackendUnavailable, FinishReason, GenerationFailed, GenerationRequest
+from backends.base import BackendUnavailable, FinishReason, GenerationFailed, GenerationRequest, GrammarRejected
 from backends.exllamav2.engine import first_line
 from backends.exllamav2.guidance import grammar_tokenizer, guide_for, guided_filter_class
 from backends.exllamav2.messages import Cancel, Command, Event, Failure, JobRequest, Loaded, Stop, Tokens, deliver
@@ -213,6 +213,9 @@ class GeneratorThread:
             command.guide = guide_for(loaded.grammar_tokenizer, command.request)
             command.job = self._make_job(command, loaded)
             self._generator.enqueue(command.job)
+        except GrammarRejected as exc:
+            _post(command.loop, [(command.events, Failure(str(exc), grammar=True))])
+            return
         except Exception as exc:
             refusal = Failure(f"the engine refused the request: {first_line(exc)}")
             _post(command.loop, [(command.events, refusal)])

@@ -24,7 +24,7 @@ from llguidance import LLMatcher, LLTokenizer
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 from numpy.typing import NDArray
 
-from backends.base import GenerationFailed
+from backends.base import GenerationFailed, GrammarRejected
 from backends.distributions import allowed_tokens
 
 _MAX_PIECE_BYTES = 16 * 1024
@@ -88,7 +88,7 @@ class GrammarMask:
     def __init__(self, tokenizer: LLTokenizer, grammar: str) -> None:
         self._matcher = LLMatcher(tokenizer, grammar, log_level=0)
         if self._matcher.is_error():
-            raise GenerationFailed(f"the grammar cannot be used: {self._matcher.get_error()}")
+            raise GrammarRejected(f"the grammar cannot be used: {self._matcher.get_error()}")
         self._bitmask = allocate_token_bitmask(1, tokenizer.vocab_size)
         self._eos_tokens = [token for token in tokenizer.eos_tokens if 0 <= token < tokenizer.vocab_size]
 
@@ -108,7 +108,7 @@ class GrammarMask:
 
     def consume(self, token: int) -> None:
         if not self._matcher.consume_token(token):
-            raise GenerationFailed(f"token {token} left the grammar: {self._matcher.get_error()}")
+            raise GrammarRejected(f"token {token} left the grammar: {self._matcher.get_error()}")
 
     @property
     def complete(self) -> bool:
@@ -117,4 +117,4 @@ class GrammarMask:
 
     def _check(self) -> None:
         if self._matcher.is_error():
-            raise GenerationFailed(f"the grammar failed: {self._matcher.get_error()}")
+            raise GrammarRejected(f"the grammar failed: {self._matcher.get_error()}")

@@ -40,7 +40,7 @@ def _checked(grammar: str, what: str, param: str, source: Mapping[str, object]) 
     if is_error:
         detail = messages[0].strip() if messages else "it does not compile"
         raise ConstraintError(f"The {what} cannot be enforced: {detail}", param)
-    return Constraint(grammar=grammar, source=source)
+    return Constraint(grammar=grammar, source=source, param=param)
 
 
 def json_schema_constraint(schema: Mapping[str, Any], *, param: str) -> Constraint:

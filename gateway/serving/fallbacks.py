@@ -5,7 +5,8 @@ requested model's generation fails (``BackendError``) before it produced one eve
 reached the client, so the next candidate gets the request instead: its own prompt (its template
 and tokenizer), its own sampling defaults and its own queue, built by the caller when that
 candidate's turn comes. Once an event has been handed on, a failure is the request's failure.
-Only the requested model's list is followed: a fallback's own fallbacks are not.
+Only the requested model's list is followed: a fallback's own fallbacks are not. A grammar the
+model cannot follow (``GrammarRejected``) is the request's fault and is not retried elsewhere.
 
 One request keeps one usage ticket whatever happens here: the ticket is finished with
 ``FirstToStart.generation``, the generation of the candidate that served (or the last one that
@@ -25,7 +26,7 @@ from typing import Protocol
 
 import structlog
 
-from backends.base import BackendError
+from backends.base import BackendError, GrammarRejected
 from gateway.serving.generation import ChoiceEvent, Generation
 
 _logger = structlog.get_logger("gateway.serving.fallbacks")
@@ -64,7 +65,8 @@ class FirstToStart[C: Candidate]:
                             yield event
                     return
                 except BackendError as exc:
-                    if started or self._later is None:
+                    # A grammar no reply can follow fails on every model alike.
+                    if started or self._later is None or isinstance(exc, GrammarRejected):
                         raise
                     if later is None:
                         later = self._later()

@@ -7,7 +7,14 @@ from dataclasses import dataclass
 
 import pytest
 
-from backends.base import BackendCapabilities, GenerationFailed, GenerationRequest, SamplingParams, TokenDelta
+from backends.base import (
+    BackendCapabilities,
+    GenerationFailed,
+    GenerationRequest,
+    GrammarRejected,
+    SamplingParams,
+    TokenDelta,
+)
 from backends.scripted import ScriptedBackend
 from gateway.serving.fallbacks import FirstToStart
 from gateway.serving.generation import Generation
@@ -22,6 +29,7 @@ class FailingBackend:
 
     tokens: int = 0
     calls: int = 0
+    error: type[GenerationFailed] = GenerationFailed
 
     @property
     def capabilities(self) -> BackendCapabilities:
@@ -37,7 +45,7 @@ class FailingBackend:
         self.calls += 1
         for index in range(self.tokens):
             yield TokenDelta(f" t{index}", (index,))
-        raise GenerationFailed("the engine broke")
+        raise self.error("the engine broke")
 
 
 @dataclass
@@ -110,3 +118,15 @@ async def test_without_fallbacks_a_failure_is_raised_as_it_is() -> None:
     chain = FirstToStart(_candidate("only", FailingBackend()))
     with pytest.raises(GenerationFailed, match="the engine broke"):
         await _texts(chain)
+
+
+async def test_a_grammar_no_model_can_follow_is_not_handed_on() -> None:
+    asked: list[str] = []
+    chain = FirstToStart(
+        _candidate("first", FailingBackend(error=GrammarRejected)),
+        _later(_candidate("second", ScriptedBackend(reply="never")), asked=asked),  # type: ignore[arg-type]
+    )
+    with pytest.raises(GrammarRejected):
+        await _texts(chain)
+    assert asked == []
+    assert not chain.fell_back

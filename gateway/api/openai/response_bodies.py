@@ -102,8 +102,8 @@ class ChunkWriter:
         return {"index": index, "text": text, "logprobs": shaped, "finish_reason": reason}
 
 
-def error_event(message: str, type: str = "server_error", code: str | None = None) -> bytes:
-    return sse({"error": {"message": message, "type": type, "param": None, "code": code}})
+def error_event(message: str, type: str = "server_error", code: str | None = None, param: str | None = None) -> bytes:
+    return sse({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 from litestar import Request, Response, get, post
 
-from backends.base import BackendError, SamplingParams
+from backends.base import BackendError, GrammarRejected, SamplingParams
 from gateway.accounting.metering import Ticket, UsageStatus, usage_status
 from gateway.api.admission import admit
 from gateway.api.auth import current_key
@@ -248,14 +248,31 @@ async def _collect(request: AnyRequest, chain: FirstToStart[_Attempt], ticket: T
         else:
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-    except BackendError:
+    except BackendError as exc:
         status = "failed"
-        raise ApiError(503, "The model failed while generating; please retry.", type="server_error") from None
+        raise _generation_error(exc, chain.generation) from None
     finally:
         watcher.cancel()
         work.cancel()
         await ticket.finish(chain.generation, status)
     return {index: assembler.reply for index, assembler in enumerate(chain.current.assemblers)}
+
+
+def _generation_error(exc: BackendError, generation: Generation) -> ApiError:
+    """What a client is told of a generation that failed: a grammar no reply can follow is its
+    request's fault (400, not retried by SDKs); anything else is the server's (503, retry)."""
+    # llguidance appends its parser state and the whole grammar to the first line.
+    reason = str(exc).partition("\n")[0]
+    _logger.warning("generation_failed", error=reason, grammar=isinstance(exc, GrammarRejected))
+    if isinstance(exc, GrammarRejected):
+        constraint = generation.constraint
+        return ApiError(
+            400,
+            f"The model cannot produce a reply that follows the requested format: {reason}",
+            param=constraint.param if constraint is not None else None,
+            code="invalid_schema",
+        )
+    return ApiError(503, "The model failed while generating; please retry.", type="server_error")
 
 
 async def _wait_for_disconnect(request: AnyRequest) -> None:
@@ -307,10 +324,11 @@ async def _stream(
         if writer.include_usage:
             yield writer.usage(chain.generation)
         yield b"data: [DONE]\n\n"
-    except BackendError:
+    except BackendError as exc:
         status = "failed"
         await ticket.finish(chain.generation, status)
-        yield error_event("The model failed while generating; please retry.")
+        error = _generation_error(exc, chain.generation)
+        yield error_event(error.message, error.type, error.code, error.param)
     finally:
         if status is None:
             _in_background(ticket.finish(chain.generation, "cancelled"))

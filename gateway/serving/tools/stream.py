@@ -91,15 +91,15 @@ class ToolCallStream:
     def finish(self) -> list[StreamEvent]:
         """The events the end of the reply releases; call once, after the last ``feed``."""
         if self._scanner is None:
-            clean = self._phase is _Phase.OPENING and bool(self._calls) and self._pending == self._format.layout.after
-            if clean:
-                self._pending = ""
-                return []
-            events = self._leave_layout()
-        else:
-            events = []
-        assert self._scanner is not None
-        return events + self._announce(self._scanner.finish())
+            # Still inside the layout: the reply ended where the grammar allows it to, or was cut
+            # short (max_tokens). A started call keeps the arguments it has (finish_reason says it
+            # was cut); what else is pending is markup, never content.
+            if self._phase in (_Phase.NAME_CLOSING, _Phase.ARGUMENTS, _Phase.CLOSING):
+                self._close_call()
+            self._pending = self._unannounced = ""
+            self._phase = _Phase.OPENING
+            return []
+        return self._announce(self._scanner.finish())
 
     def _announce(self, segments: Sequence[str | ParsedCall]) -> list[StreamEvent]:
         events: list[StreamEvent] = []

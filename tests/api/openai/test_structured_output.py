@@ -252,6 +252,47 @@ def test_requests_that_cannot_be_enforced_get_a_400(http: Any, fields: dict[str,
     assert needle in error["message"]
 
 
+SELF_REQUIRING = {
+    "$defs": {"node": {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}, "required": ["next"]}},
+    "$ref": "#/$defs/node",
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"guided_regex": "[a&&b]"}, "guided_regex"),
+        ({"guided_grammar": "start: start"}, "guided_grammar"),
+        ({"guided_json": SELF_REQUIRING}, "guided_json"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "loop", "schema": SELF_REQUIRING}}},
+            "response_format",
+        ),
+    ],
+)
+def test_grammars_no_reply_can_follow_get_a_400_and_one_usage_row(
+    served: Served, http: Any, fields: dict[str, Any], param: str
+) -> None:
+    """They compile, so only the model's first step finds them empty: still the request's fault,
+    a 400 the SDKs do not retry (never a 503), with its failed usage row."""
+    body = {"model": EMBEDDED, "messages": ASK_WEATHER, "max_tokens": 16, **fields}
+    response = http.post("/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_schema")
+    assert error["param"].startswith(param)
+    assert "\n" not in error["message"]
+    request_id = response.headers["x-request-id"]
+    assert [row["status"] for row in served.usage_rows("request_id = ?", request_id)] == ["failed"]
+
+    streamed = http.post("/chat/completions", json={**body, "stream": True})
+    assert streamed.status_code == 200
+    errors = [p["error"] for p in sse_payloads(streamed.content) if isinstance(p, dict) and "error" in p]
+    assert [e["code"] for e in errors] == ["invalid_schema"]
+    assert errors[0]["param"].startswith(param)
+    assert served.usage_row(streamed.headers["x-request-id"])["status"] == "failed"
+
+
 def test_backends_without_grammars_refuse_structured_output(http: Any) -> None:
     response = http.post(
         "/chat/completions",

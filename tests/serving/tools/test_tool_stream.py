@@ -149,6 +149,22 @@ def test_forced_reply_cut_short_keeps_the_started_call() -> None:
     assert [(c.name, c.arguments) for c in stream.calls] == calls
 
 
+@pytest.mark.parametrize("format", FORMATS.values(), ids=list(FORMATS))
+def test_a_forced_reply_cut_anywhere_has_no_content(format: ToolCallFormat) -> None:
+    """max_tokens may end a forced reply at any character: the markup left is never content, and
+    every call announced is kept, complete or with the arguments it has."""
+    rendered = format.render(CALLS)
+    for end in range(len(rendered) + 1):
+        stream = ToolCallStream(format, TOOLS, forced=True)
+        content, calls = outcome(run(stream, [rendered[:end]]))
+        assert content == "", (end, rendered[:end])
+        assert [(c.name, c.arguments) for c in stream.calls] == calls
+        whole = [(c.name, c.arguments) for c in CALLS]
+        for (name, arguments), (whole_name, whole_arguments) in zip(calls, whole, strict=False):
+            assert name == whole_name
+            assert whole_arguments.startswith(arguments)
+
+
 def test_forced_reply_that_leaves_the_layout_is_read_like_auto() -> None:
     text = f"Sure!\n{HERMES.render(CALLS[1:])}"
     stream = ToolCallStream(HERMES, TOOLS, forced=True)
