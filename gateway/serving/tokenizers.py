@@ -17,6 +17,7 @@ from typing import Any, Protocol, Self
 import sentencepiece
 import tokenizers
 
+from gateway.serving.encode_memo import EncodeMemo
 from gateway.settings import ConfigError, ModelConfig
 
 
@@ -69,6 +70,7 @@ class SentencePieceTokenizer:
         # Longest first, so that a control piece which is a prefix of another never wins.
         alternatives = "|".join(re.escape(p) for p in sorted(control, key=len, reverse=True) if p)
         self._control = re.compile(f"({alternatives})") if alternatives else None
+        self._memo = EncodeMemo(self._encode)
 
     @classmethod
     def from_file(cls, path: str | Path) -> Self:
@@ -79,6 +81,9 @@ class SentencePieceTokenizer:
         return cls(processor)
 
     def encode(self, text: str) -> list[int]:
+        return self._memo(text)
+
+    def _encode(self, text: str) -> list[int]:
         # sentencepiece never produces control ids from text, so this is plain-text encoding.
         ids: list[int] = self._sp.encode(text)
         return ids
@@ -127,6 +132,8 @@ class HFTokenizer:
         self.add_bos = add_bos
         added = [t.content for t in self._special.get_added_tokens_decoder().values() if t.content]
         self.special_texts: tuple[str, ...] = tuple(sorted(added, key=len, reverse=True))
+        self._memo = EncodeMemo(self._encode)
+        self._memo_special = EncodeMemo(self._encode_with_special)
 
     def _token_id(self, token: str) -> int:
         token_id: int | None = self._special.token_to_id(token)
@@ -156,10 +163,16 @@ class HFTokenizer:
             raise ConfigError(f"cannot load tokenizer {tokenizer_json}: {exc}") from exc
 
     def encode(self, text: str) -> list[int]:
+        return self._memo(text)
+
+    def encode_with_special(self, text: str) -> list[int]:
+        return self._memo_special(text)
+
+    def _encode(self, text: str) -> list[int]:
         ids: list[int] = self._plain.encode(text, add_special_tokens=False).ids
         return ids
 
-    def encode_with_special(self, text: str) -> list[int]:
+    def _encode_with_special(self, text: str) -> list[int]:
         ids: list[int] = self._special.encode(text, add_special_tokens=False).ids
         return ids
 
@@ -205,6 +218,8 @@ class GGUFTokenizer:
             self._piece(i) for i in range(self.vocab_size) if llama_cpp.llama_vocab_get_attr(self._vocab, i) & special
         ]
         self.special_texts: tuple[str, ...] = tuple(sorted((t for t in texts if t), key=len, reverse=True))
+        self._memo = EncodeMemo(self._encode)
+        self._memo_special = EncodeMemo(self._encode_with_special)
 
     @classmethod
     def from_file(cls, gguf_path: str | Path) -> Self:
@@ -217,10 +232,16 @@ class GGUFTokenizer:
         return text.decode("utf-8", errors="replace")
 
     def encode(self, text: str) -> list[int]:
+        return self._memo(text)
+
+    def encode_with_special(self, text: str) -> list[int]:
+        return self._memo_special(text)
+
+    def _encode(self, text: str) -> list[int]:
         ids: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
         return ids
 
-    def encode_with_special(self, text: str) -> list[int]:
+    def _encode_with_special(self, text: str) -> list[int]:
         ids: list[int] = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         return ids
 

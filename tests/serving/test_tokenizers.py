@@ -37,6 +37,9 @@ def test_reproduces_reference_tokenizations(
 ) -> None:
     for text, ids in reference_tokenizations:
         assert llama2_tokenizer.encode(text) == ids, text
+    # A second time, from the memo of recent encodings.
+    for text, ids in reference_tokenizations:
+        assert llama2_tokenizer.encode(text) == ids, text
 
 
 def test_decode_round_trip(llama2_tokenizer: Tokenizer, reference_tokenizations: list[tuple[str, list[int]]]) -> None:
