@@ -191,7 +191,11 @@ class OpenAIUpstreamBackend:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self._options.timeout_s
             ),
-            skip_auto_headers=("User-Agent",),
+            # Per request, aiohttp would otherwise filter cookies and offer compression, which
+            # workers do not use for token streams; neither is wanted between gateway and worker.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            auto_decompress=False,
             raise_for_status=False,
         )
         self._prober = asyncio.create_task(self._probe_periodically(self._session), name=f"probe {self._config.name}")

@@ -81,6 +81,8 @@ class Target:
     connections: int = 0
     """Connections over every run: at most this many requests were cut off when a run ended."""
     results: dict[str, Any] = field(default_factory=dict)
+    pid: int | None = None
+    """The gateway's process (a single worker's), for reading the CPU time it spent."""
 
     def count(self, result: WrkResult, connections: int) -> None:
         self.served += result.ok
@@ -157,7 +159,7 @@ async def _gateway(
             directory, models, ADMIN_KEY, database_url=database_url, data_dir=str(directory / "data"), **settings
         )
     )
-    return Target(name, gateway.base_url, await _user_key(gateway), database_url)
+    return Target(name, gateway.base_url, await _user_key(gateway), database_url, pid=gateway.process.pid)
 
 
 def _sqlite_url(stack: AsyncExitStack) -> str:
