@@ -167,6 +167,12 @@ def generate_blocking(
             if finished:
                 return
             to_eval = [token]
+    except Exception:
+        # Tokens sampled but not yet sent (a grammar refusing the last one, a character still
+        # incomplete) were generated all the same: they are billed, though their text is not shown.
+        if pending_ids:
+            send("", None)
+        raise
     finally:
         sampler.close()
         if eos_ban is not None:

@@ -13,7 +13,14 @@ import jsonschema
 import pytest
 from llguidance import LLMatcher
 
-from backends.base import Constraint, GenerationFailed
+from backends.base import (
+    Constraint,
+    GenerationFailed,
+    GenerationRequest,
+    GrammarRejected,
+    SamplingParams,
+    TokenDelta,
+)
 from backends.llamacpp.backend import LlamaCppBackend
 from gateway.serving.tokenizers import GGUFTokenizer, SentencePieceTokenizer
 from tests.backends.llamacpp.backend_support import chat_ids, embedded_config, generate, ids, text
@@ -171,3 +178,31 @@ async def test_a_constraint_on_the_tiny_llama_2(tiny: LlamaCppBackend, llama2_to
         assert re.fullmatch("[0-9]{3}-[0-9]{4}", text(deltas))
         assert deltas[-1].finish_reason == "stop"
         assert sp.decode(ids(deltas)) == text(deltas)
+
+
+async def test_a_grammar_that_fails_after_sampling_bills_what_was_sampled(
+    smollm: LlamaCppBackend, vocab: GGUFTokenizer
+) -> None:
+    """An object that requires itself: llguidance accepts it, then gives up after the first token."""
+    node = {"type": "object", "properties": {"next": {"$ref": "#/$defs/node"}}, "required": ["next"]}
+    looping = json_constraint({"$defs": {"node": node}, "$ref": "#/$defs/node"})
+    prompt = chat_ids(vocab, "Write JSON.")
+    request = GenerationRequest("test", prompt, SamplingParams(max_tokens=16), constraint=looping)
+    deltas: list[TokenDelta] = []
+
+    async def read() -> None:
+        async for delta in smollm.generate(request):
+            deltas.append(delta)
+
+    with pytest.raises(GrammarRejected):
+        await read()
+    assert sum(len(delta.token_ids) for delta in deltas) >= 1
+    assert "".join(delta.text for delta in deltas) == ""
+
+
+async def test_a_grammar_with_no_reply_at_all_is_rejected_before_sampling(
+    smollm: LlamaCppBackend, vocab: GGUFTokenizer
+) -> None:
+    never = constraint(LLMatcher.grammar_from_regex("[a&&b]"))
+    with pytest.raises(GrammarRejected):
+        await generate(smollm, chat_ids(vocab, "Say something."), constraint=never)
