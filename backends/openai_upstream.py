@@ -170,15 +170,17 @@ class OpenAIUpstreamBackend:
         if self._options.api_key:
             headers["Authorization"] = f"Bearer {self._options.api_key}"
         self._headers = headers
-
-    @property
-    def capabilities(self) -> BackendCapabilities:
-        return BackendCapabilities(
-            max_concurrency=self._config.max_concurrency,
-            context_length=self._config.context_length,
+        # Fixed by the configuration, and read several times per request.
+        self._capabilities = BackendCapabilities(
+            max_concurrency=config.max_concurrency,
+            context_length=config.context_length,
             supports_constraints=True,
             supports_logprobs=True,
         )
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        return self._capabilities
 
     def observe_replicas(self, observer: ReplicaObserver) -> None:
         self._pool.observe(observer)

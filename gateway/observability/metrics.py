@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
@@ -33,6 +34,9 @@ E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300
 
 def multiprocess_enabled() -> bool:
     return bool(os.environ.get(MULTIPROC_ENV))
+
+
+_Metric = TypeVar("_Metric", Counter, Gauge, Histogram)
 
 
 class GatewayMetrics:
@@ -182,16 +186,26 @@ class GatewayMetrics:
         )
         self._copied: dict[str, int] = {}
         self._failing_backends: set[str] = set()
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: _Metric, *values: str) -> _Metric:
+        """``metric.labels(*values)``, remembered: every request records about ten labelled
+        samples, and ``labels`` checks and converts its values and takes a lock each time."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
     def record_tokens(self, model: str, prompt_tokens: int, completion_tokens: int, cost_usd: Decimal) -> None:
-        self.prompt_tokens.labels(model).inc(prompt_tokens)
-        self.completion_tokens.labels(model).inc(completion_tokens)
-        self.cost.labels(model).inc(float(cost_usd))
+        self.child(self.prompt_tokens, model).inc(prompt_tokens)
+        self.child(self.completion_tokens, model).inc(completion_tokens)
+        self.child(self.cost, model).inc(float(cost_usd))
 
     def record_latencies(self, model: str, ttft_s: float | None, token_gaps_s: list[float]) -> None:
         if ttft_s is not None:
-            self.ttft.labels(model).observe(ttft_s)
-        itl = self.itl.labels(model)
+            self.child(self.ttft, model).observe(ttft_s)
+        itl = self.child(self.itl, model)
         for gap in token_gaps_s:
             itl.observe(gap)
 

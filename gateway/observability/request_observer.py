@@ -146,7 +146,7 @@ class ObservedTicket(FinishOnce):
             outcome = _outcome(self._admission, generation, status, recorded=recorded, content=self._log_content)
             self.outcome = outcome
             metrics = self._metrics
-            metrics.generations.labels(outcome.model, status).inc()
+            metrics.child(metrics.generations, outcome.model, status).inc()
             metrics.record_tokens(outcome.model, outcome.prompt_tokens, outcome.completion_tokens, outcome.cost_usd)
             ttft_s = None if outcome.ttft_ms is None else outcome.ttft_ms / 1000
             metrics.record_latencies(outcome.model, ttft_s, generation.token_gaps_s)
@@ -235,11 +235,11 @@ class RequestObserver:
         request_state = scope["state"]
         model: str = request_state.get(OBSERVED_MODEL_SCOPE_KEY, "")
         route = scope.get("path_template") or scope["path"]
-        self.metrics.requests.labels(route, scope["method"], model, str(status)).inc()
+        self.metrics.child(self.metrics.requests, route, scope["method"], model, str(status)).inc()
         ticket = request_state.get(OBSERVED_TICKET_SCOPE_KEY)
         outcome = await ticket.settled_outcome() if isinstance(ticket, ObservedTicket) else None
         if outcome is not None:
-            self.metrics.e2e.labels(outcome.model, outcome.endpoint).observe(duration_s)
+            self.metrics.child(self.metrics.e2e, outcome.model, outcome.endpoint).observe(duration_s)
         if scope["route_handler"].opt.get(PROBE):
             return
         fields: dict[str, Any] = {

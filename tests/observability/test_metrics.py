@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from gateway.accounting.usage.pricing import cost
+from gateway.observability.metrics import GatewayMetrics
 from gateway.settings import Settings
 from tests.support.gateway_process import (
     INPUT_PRICE,
@@ -175,3 +176,16 @@ def test_several_workers_report_one_aggregate(tmp_path: Path, redis_server: str)
         assert sample(samples, "llama_gateway_backend_up", model="scripted") == 1
         gateway.terminate()
         assert gateway.wait_exit() == 0
+
+
+def test_labelled_samples_are_the_metrics_own_children() -> None:
+    metrics = GatewayMetrics()
+    first = metrics.child(metrics.requests, "/v1/models", "GET", "", "200")
+    assert first is metrics.requests.labels("/v1/models", "GET", "", "200")
+    assert metrics.child(metrics.requests, "/v1/models", "GET", "", "200") is first
+    assert metrics.child(metrics.requests, "/v1/models", "GET", "", "401") is not first
+    assert metrics.child(metrics.cost, "m") is not metrics.child(metrics.prompt_tokens, "m")
+    first.inc()
+    families = {family.name: family for family in metrics.registry.collect()}
+    samples = [s for s in families["llama_gateway_requests"].samples if s.name.endswith("_total")]
+    assert [(s.labels["status"], s.value) for s in samples] == [("200", 1.0), ("401", 0.0)]
