@@ -41,6 +41,8 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import multidict
+import yarl
 
 from backends.base import (
     BackendCapabilities,
@@ -169,7 +171,8 @@ class OpenAIUpstreamBackend:
         headers = {"Content-Type": "application/json"}
         if self._options.api_key:
             headers["Authorization"] = f"Bearer {self._options.api_key}"
-        self._headers = headers
+        self._headers = multidict.CIMultiDict(headers)
+        self._completions_urls: dict[str, yarl.URL] = {}
         # Fixed by the configuration, and read several times per request.
         self._capabilities = BackendCapabilities(
             max_concurrency=config.max_concurrency,
@@ -250,7 +253,7 @@ class OpenAIUpstreamBackend:
         try:
             async with asyncio.timeout(limit):
                 response = await stack.enter_async_context(
-                    session.post(replica.url + "/completions", data=body, headers=self._headers)
+                    session.post(self._completions_url(replica), data=body, headers=self._headers)
                 )
                 if response.status != 200:
                     detail = f"answered {response.status}: " + (await response.content.read(500)).decode(
@@ -273,6 +276,13 @@ class OpenAIUpstreamBackend:
         except (GenerationFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _Skip("stream_error", _describe(exc)) from exc
         raise GenerationFailed(f"worker {replica.url} {refused}")
+
+    def _completions_url(self, replica: Replica) -> yarl.URL:
+        # Parsed once per replica: aiohttp would parse a string on every request.
+        url = self._completions_urls.get(replica.url)
+        if url is None:
+            url = self._completions_urls[replica.url] = yarl.URL(replica.url + "/completions")
+        return url
 
     async def _probe_periodically(self, session: aiohttp.ClientSession) -> None:
         while True:
