@@ -172,7 +172,8 @@ class OpenAIUpstreamBackend:
         if self._options.api_key:
             headers["Authorization"] = f"Bearer {self._options.api_key}"
         self._headers = multidict.CIMultiDict(headers)
-        self._completions_urls: dict[str, yarl.URL] = {}
+        # Parsed once: aiohttp would parse a URL string on every request.
+        self._completions_urls = {r.url: yarl.URL(r.url + "/completions") for r in self._pool.replicas}
         # Fixed by the configuration, and read several times per request.
         self._capabilities = BackendCapabilities(
             max_concurrency=config.max_concurrency,
@@ -253,7 +254,7 @@ class OpenAIUpstreamBackend:
         try:
             async with asyncio.timeout(limit):
                 response = await stack.enter_async_context(
-                    session.post(self._completions_url(replica), data=body, headers=self._headers)
+                    session.post(self._completions_urls[replica.url], data=body, headers=self._headers)
                 )
                 if response.status != 200:
                     detail = f"answered {response.status}: " + (await response.content.read(500)).decode(
@@ -276,13 +277,6 @@ class OpenAIUpstreamBackend:
         except (GenerationFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _Skip("stream_error", _describe(exc)) from exc
         raise GenerationFailed(f"worker {replica.url} {refused}")
-
-    def _completions_url(self, replica: Replica) -> yarl.URL:
-        # Parsed once per replica: aiohttp would parse a string on every request.
-        url = self._completions_urls.get(replica.url)
-        if url is None:
-            url = self._completions_urls[replica.url] = yarl.URL(replica.url + "/completions")
-        return url
 
     async def _probe_periodically(self, session: aiohttp.ClientSession) -> None:
         while True:

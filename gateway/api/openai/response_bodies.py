@@ -102,10 +102,6 @@ class ChunkWriter:
         return {"index": index, "text": text, "logprobs": shaped, "finish_reason": reason}
 
 
-def error_event(message: str, type: str = "server_error", code: str | None = None, param: str | None = None) -> bytes:
-    return sse({"error": {"message": message, "type": type, "param": param, "code": code}})
-
-
 @dataclass
 class ChoiceReply:
     """What one choice of a non-streamed response holds once generation has ended."""

@@ -25,7 +25,7 @@ from gateway.api.openai.request_bodies import (
     SamplingFields,
     stop_sequences,
 )
-from gateway.api.openai.response_bodies import ChoiceReply, ChunkWriter, chat_body, error_event, text_body
+from gateway.api.openai.response_bodies import ChoiceReply, ChunkWriter, chat_body, sse, text_body
 from gateway.api.openai.translation import (
     chat_prompt_ids,
     completion_prompt_ids,
@@ -327,8 +327,7 @@ async def _stream(
     except BackendError as exc:
         status = "failed"
         await ticket.finish(chain.generation, status)
-        error = _generation_error(exc, chain.generation)
-        yield error_event(error.message, error.type, error.code, error.param)
+        yield sse(_generation_error(exc, chain.generation).body())
     finally:
         if status is None:
             _in_background(ticket.finish(chain.generation, "cancelled"))
