@@ -213,6 +213,15 @@ class HasReplicas(Protocol):
         """Report to ``observer`` from now on, starting with every replica's rotation state."""
 
 
+@runtime_checkable
+class ReportsProblems(Protocol):
+    """A backend that can lose its engine while serving (a process that died and is restarting)."""
+
+    def problem(self) -> str | None:
+        """Why the backend cannot serve now, in one sentence; ``None`` while it can."""
+        ...
+
+
 WeightsProgress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) while weights are being made."""
 

@@ -1,22 +1,47 @@
-"""Build a backend by its kind; an engine is imported only when a model uses it."""
+"""Build a backend by its kind; an engine is imported only when a model uses it.
+
+A local engine runs in a process of its own when its model's ``engine_process`` option says so
+(`backends.engine_process`); that is the default for exllamav2, whose Python work per token
+would otherwise compete with the gateway's HTTP for one interpreter.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from backends.base import Backend, BackendUnavailable
+from backends.base import Backend, BackendUnavailable, PreparesWeights
 from backends.config import BackendConfig
 
 BackendKind = Literal["llamacpp", "exllamav2", "openai", "scripted"]
+
+ENGINE_PROCESS_OPTION = "engine_process"
+_ENGINE_PROCESS_BY_DEFAULT: dict[str, bool] = {"llamacpp": False, "exllamav2": True, "scripted": False}
 
 
 def create_backend(kind: BackendKind, config: BackendConfig, *, weights_dir: Path | None = None) -> Backend:
     """The backend of this kind for this model.
 
     ``weights_dir`` is where llama.cpp keeps weights it converts (``compute_format``).
-    Raises `BackendUnavailable` for a kind no engine here serves.
+    Raises `BackendUnavailable` for a kind no engine here serves, or a bad ``engine_process``.
     """
+    apart = config.options.get(ENGINE_PROCESS_OPTION, _ENGINE_PROCESS_BY_DEFAULT.get(kind, False))
+    if not isinstance(apart, bool):
+        raise BackendUnavailable(f"model {config.name!r}: engine_process must be true or false, not {apart!r}")
+    if ENGINE_PROCESS_OPTION in config.options and kind not in _ENGINE_PROCESS_BY_DEFAULT:
+        raise BackendUnavailable(f"model {config.name!r}: engine_process is an option of local engines, not {kind!r}")
+    options = {name: value for name, value in config.options.items() if name != ENGINE_PROCESS_OPTION}
+    local = BackendConfig(config.name, config.path, config.context_length, config.max_concurrency, options)
+    backend = _in_process(kind, local, weights_dir)
+    if not apart:
+        return backend
+    from backends.engine_process.backend import EngineProcessBackend, WeightsPreparingEngineProcess
+
+    wrapper = WeightsPreparingEngineProcess if isinstance(backend, PreparesWeights) else EngineProcessBackend
+    return wrapper(kind, local, backend, weights_dir=weights_dir)
+
+
+def _in_process(kind: BackendKind, config: BackendConfig, weights_dir: Path | None) -> Backend:
     if kind == "llamacpp":
         from backends.llamacpp.backend import LlamaCppBackend
 

@@ -1,8 +1,8 @@
 """Liveness and readiness probes and the Prometheus exposition; all open without an API key.
 
 ``/health`` answers 200 while the process lives. ``/ready`` answers 200 only when the models are
-loaded, the database (and Redis, when configured) answer and the gateway is not shutting down;
-otherwise 503 with the reasons.
+loaded and serving (no engine process restarting), the database (and Redis, when configured)
+answer and the gateway is not shutting down; otherwise 503 with the reasons.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ async def ready(request: Request[Any, Any, Any]) -> Response[dict[str, Any]]:
             reasons.append(problem)
         if state.ready and (problem := await state.accounting.limiter.problem()) is not None:
             reasons.append(problem)  # shared limits out of reach: every request would get 503
+        if state.ready:
+            reasons.extend(state.models.problems())  # an engine process restarting, say
     body = {
         "status": "unavailable" if reasons else "ready",
         "models": [r.name for r in state.models],

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.base import Backend, Preflight, PreparesWeights, WeightsProgress
+from backends.base import Backend, Preflight, PreparesWeights, ReportsProblems, WeightsProgress
 from backends.config import BackendConfig
 from backends.factory import create_backend
 from gateway.errors import model_not_found
@@ -142,6 +142,14 @@ class ModelRegistry:
     async def stop(self) -> None:
         for runtime in self._runtimes:
             await runtime.backend.stop()
+
+    def problems(self) -> list[str]:
+        """Why started models cannot serve now (an engine process restarting), for ``/ready``."""
+        return [
+            problem
+            for runtime in self._runtimes
+            if isinstance(runtime.backend, ReportsProblems) and (problem := runtime.backend.problem()) is not None
+        ]
 
 
 def build_registry(

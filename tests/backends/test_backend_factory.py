@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from types import MappingProxyType
@@ -11,6 +12,7 @@ import pytest
 
 from backends.base import BackendUnavailable
 from backends.config import BackendConfig
+from backends.engine_process.backend import EngineProcessBackend, WeightsPreparingEngineProcess
 from backends.exllamav2 import ExLlamaV2Backend
 from backends.factory import BackendKind, create_backend
 from backends.llamacpp.backend import LlamaCppBackend
@@ -27,7 +29,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 }
 TYPES: dict[str, type] = {
     "llamacpp": LlamaCppBackend,
-    "exllamav2": ExLlamaV2Backend,
+    "exllamav2": EngineProcessBackend,  # its Python per token stays out of the gateway's interpreter
     "openai": OpenAIUpstreamBackend,
     "scripted": ScriptedBackend,
 }
@@ -45,6 +47,41 @@ def test_each_kind_creates_its_backend(kind: BackendKind, tmp_path: Path) -> Non
     backend = create_backend(kind, config, weights_dir=tmp_path)
     assert type(backend) is TYPES[kind]
     assert backend.capabilities.context_length == 1024
+
+
+@pytest.mark.parametrize(
+    ("kind", "apart", "expected"),
+    [
+        ("llamacpp", True, WeightsPreparingEngineProcess),
+        ("llamacpp", False, LlamaCppBackend),
+        ("exllamav2", False, ExLlamaV2Backend),
+        ("exllamav2", True, EngineProcessBackend),
+        ("scripted", True, EngineProcessBackend),
+    ],
+)
+def test_engine_process_chooses_where_a_local_engine_runs(
+    kind: BackendKind, apart: bool, expected: type, tmp_path: Path
+) -> None:
+    config = BackendConfig(name="m", path=str(tmp_path / "weights"), options=OPTIONS[kind] | {"engine_process": apart})
+    backend = create_backend(kind, config, weights_dir=tmp_path)
+    assert type(backend) is expected
+    in_process = create_backend(kind, replace(config, options=OPTIONS[kind] | {"engine_process": False}))
+    assert backend.capabilities == in_process.capabilities, "known before the engine process reports its own"
+
+
+@pytest.mark.parametrize(
+    ("kind", "value", "message"),
+    [
+        ("llamacpp", "yes", "engine_process must be true or false, not 'yes'"),
+        ("llamacpp", 1, "engine_process must be true or false, not 1"),
+        ("openai", True, "engine_process is an option of local engines, not 'openai'"),
+    ],
+)
+def test_a_bad_engine_process_option_is_refused(kind: BackendKind, value: object, message: str) -> None:
+    config = BackendConfig(name="m", options=OPTIONS[kind] | {"engine_process": value})
+    with pytest.raises(BackendUnavailable) as caught:
+        create_backend(kind, config)
+    assert str(caught.value) == f"model 'm': {message}"
 
 
 def test_llamacpp_gets_the_weights_dir(tmp_path: Path) -> None:

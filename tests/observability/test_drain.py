@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support.gateway_process import GatewayProcess, chat_request_body, gateway_process, scripted_model, wait_for
+from tests.support.processes import process_is_gone
 
 TWENTY_WORDS = " ".join(f"w{i}" for i in range(20))
 
@@ -63,14 +65,16 @@ def _refused_while_draining(gateway: GatewayProcess) -> None:
     assert refused.json()["error"]["code"] == "shutting_down"
 
 
-@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.redis)])
+@pytest.mark.parametrize(
+    ("workers", "engine_process"), [(1, False), (1, True), pytest.param(2, False, marks=pytest.mark.redis)]
+)
 def test_sigterm_during_a_stream_drains_and_exits_zero(
-    tmp_path: Path, workers: int, request: pytest.FixtureRequest
+    tmp_path: Path, workers: int, engine_process: bool, request: pytest.FixtureRequest
 ) -> None:
     # With several workers (which share limits through Redis), SIGTERM goes to the parent, which
-    # passes it on to each worker.
+    # passes it on to each worker. An engine in its own process keeps serving until the drain ends.
     shared = {"redis_url": request.getfixturevalue("redis_server")} if workers > 1 else {}
-    model = scripted_model(reply=TWENTY_WORDS, token_delay_ms=100)
+    model = scripted_model(reply=TWENTY_WORDS, token_delay_ms=100, engine_process=engine_process)
     with gateway_process(tmp_path, models=[model], drain_seconds=20, workers=workers, **shared) as gateway:
         stream = StreamReader(gateway, max_tokens=200)
         stream.start()
@@ -86,6 +90,11 @@ def test_sigterm_during_a_stream_drains_and_exits_zero(
         assert stream.body.endswith(b"data: [DONE]\n\n")
         assert b"w19" in stream.body
         assert gateway.wait_exit(timeout=30) == 0
+
+        if engine_process:
+            engine_pids = [int(pid) for pid in re.findall(r"engine process (\d+) serves model", gateway.log_text())]
+            assert len(engine_pids) == 1, gateway.log_text()
+            assert process_is_gone(engine_pids[0])
 
         row = gateway.usage_row(stream.request_id)
         assert row is not None
