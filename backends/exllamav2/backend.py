@@ -139,11 +139,10 @@ class ExLlamaV2Backend:
                         delta + text.flush(),
                         event.token_ids,
                         event.finish_reason,
-                        token_count=event.generated,
                         logprobs=event.logprobs,
                     )
                     return
-                yield TokenDelta(delta, event.token_ids, token_count=event.generated, logprobs=event.logprobs)
+                yield TokenDelta(delta, event.token_ids, logprobs=event.logprobs)
         finally:
             if not finished:
                 thread.cancel(key)

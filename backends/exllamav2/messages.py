@@ -16,10 +16,8 @@ from backends.base import FinishReason, GenerationRequest, TokenLogprob
 @dataclass(frozen=True, slots=True)
 class Tokens:
     token_ids: tuple[int, ...]
-    """Tokens exllamav2 released for the text (it holds some back, e.g. an incomplete character)."""
+    """Every token sampled since the previous event (EOS excluded), read from the job's sequence."""
     finish_reason: FinishReason | None = None
-    generated: int = 0
-    """Tokens sampled since the previous event, released or held: what the request is billed."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """One entry per token of ``token_ids`` when the request asked for log-probabilities."""
 
@@ -45,7 +43,7 @@ class JobRequest:
     guide: Any = None
     """The job's `TokenGuide` (constraint, logprobs), when it has one."""
     counted: int = 0
-    """Sampled tokens already reported, from the job's own count (held tokens included)."""
+    """Sampled tokens already reported, by the job's own count (``new_tokens``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -254,28 +254,25 @@ class GeneratorThread:
             request = self._active.get(result.get("identifier", -1))
             if request is None:
                 continue
-            token_ids = _ids(result.get("token_ids"))
-            finish: FinishReason | None = None
-            # exllamav2 holds tokens back while their text is incomplete (a character split over
-            # byte tokens), possibly for long; the job's own count says what was sampled meanwhile.
+            # Every sampled token is read from the job's own sequence (the prompt, then each token
+            # as it is sampled), not from the result's released ids: exllamav2 holds tokens back
+            # while their text is an incomplete character, possibly for long. Text is decoded from
+            # these ids by the backend, which holds back only the incomplete character's text.
             sampled = int(request.job.new_tokens)
+            token_ids = _new_ids(request.job, sampled - request.counted)
+            request.counted = sampled
+            finish: FinishReason | None = None
             if result.get("eos"):
                 del self._active[request.key]
-                # On a stop token nothing is emitted: tokens held back for an incomplete
-                # character come under "held", followed by the stop token itself.
-                token_ids += _ids(result.get("held", {}).get("token_ids"))
                 reason = result.get("eos_reason")
                 if reason == "stop_token" and token_ids and token_ids[-1] == loaded.eos_token_id:
-                    token_ids.pop()
-                    sampled -= 1  # EOS is never counted
+                    token_ids.pop()  # EOS is never a completion token
                 finish = "length" if reason == "max_new_tokens" else "stop"
-            generated = max(0, sampled - request.counted)
-            request.counted += generated
-            if not token_ids and not generated and finish is None:
+            if not token_ids and finish is None:
                 continue
             # The guide recorded every sampled token in order, the stop token last: it is left over.
             logprobs = request.guide.take(len(token_ids)) if request.guide is not None else ()
-            event = Tokens(tuple(token_ids), finish, generated, logprobs)
+            event = Tokens(tuple(token_ids), finish, logprobs)
             batches.setdefault(request.loop, []).append((request.events, event))
         for loop, batch in batches.items():
             _post(loop, batch)
@@ -297,8 +294,13 @@ class GeneratorThread:
                 logger.exception("clearing exllamav2's job queue failed")
 
 
-def _ids(tensor: Any) -> list[int]:
-    return [] if tensor is None else [int(t) for t in tensor.flatten().tolist()]
+def _new_ids(job: Any, count: int) -> list[int]:
+    """The job's last ``count`` sampled tokens, from its sequence (a `SeqTensor` of shape (1, n))."""
+    if count <= 0:
+        return []
+    sequence = job.sequences[0].sequence_ids
+    end = len(sequence)
+    return [int(t) for t in sequence.torch_slice(end - count, end).flatten().tolist()]
 
 
 def _cache_tensors(cache: Any) -> list[Any]:

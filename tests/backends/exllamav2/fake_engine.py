@@ -104,6 +104,27 @@ class FakeTensor:
         self.values[index] = value
 
 
+class FakeSeqTensor:
+    """`exllamav2.util.SeqTensor` of shape (1, n): what a job's sequence is read through."""
+
+    def __init__(self, values: list[int]) -> None:
+        self.values = list(values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def append(self, token: int) -> None:
+        self.values.append(token)
+
+    def torch_slice(self, start: int | None, end: int | None) -> FakeTensor:
+        return FakeTensor(self.values[start:end])
+
+
+@dataclasses.dataclass
+class FakeSequence:
+    sequence_ids: FakeSeqTensor
+
+
 FakeSettings = dataclasses.make_dataclass(
     "FakeSettings",
     [(name, Any, dataclasses.field(default=value)) for name, value in EXLLAMAV2_SETTINGS_DEFAULTS.items()],
@@ -131,6 +152,9 @@ class FakeJob:
         self.decode_special_tokens = decode_special_tokens
         self.filters = filters or []
         self.new_tokens = 0
+        # The prompt, then every sampled token as soon as it is sampled (exllamav2's
+        # ``receive_sample``), whether or not its text is held back.
+        self.sequences = [FakeSequence(FakeSeqTensor(list(input_ids.values)))]
         self.held: list[int] = []
         self.script: Iterator[int] = iter(())
 
@@ -202,6 +226,7 @@ class FakeGenerator:
             elif job.new_tokens < job.min_new_tokens and token in job.stop_tokens:
                 token = 1001
             job.new_tokens += 1
+            job.sequences[0].sequence_ids.append(token)
             job.held.append(token)
             result: dict[str, Any] = {"job": job, "stage": "streaming", "identifier": job.identifier}
             if token in job.stop_tokens:

@@ -69,11 +69,12 @@ async def test_held_character_is_counted_when_eos_follows(
     assert deltas[-1].finish_reason == "stop"
 
 
-async def test_tokens_held_back_are_counted_while_held(
+async def test_tokens_exllamav2_holds_back_are_delivered_at_once(
     calls: list[tuple[Any, ...]], model_dir: Path, hf_tokenizer: Any
 ) -> None:
     # A lone lead byte that never completes a character: exllamav2 releases no token, possibly for
-    # thousands of steps, yet every sampled token is billed, and a cancellation mid-hold keeps them.
+    # thousands of steps. The ids are read from the job as they are sampled, so every one is
+    # delivered (and billed, a cancellation mid-hold included); only their text waits.
     costs = ids_of(hf_tokenizer, "costs")
     lead = hf_tokenizer.token_to_id("<0xE2>")
     FakeGenerator.script = [*costs, *[lead] * 200, EOS]
@@ -90,7 +91,7 @@ async def test_tokens_held_back_are_counted_while_held(
     finally:
         await backend.stop()
     assert "".join(d.text for d in deltas) == "costs"
-    assert [t for d in deltas for t in d.token_ids] == costs  # nothing released after them
+    assert [t for d in deltas for t in d.token_ids] == [*costs, *[lead] * 20]
     assert sum(d.tokens for d in deltas) == len(costs) + 20
     assert job.new_tokens >= len(costs) + 20
 
