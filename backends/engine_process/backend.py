@@ -18,6 +18,7 @@ import itertools
 import logging
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncGenerator
 from pathlib import Path
@@ -36,6 +37,7 @@ from backends.base import (
 )
 from backends.config import BackendConfig
 from backends.engine_process.wire import (
+    PREFLIGHT_REFUSED,
     Cancel,
     Delta,
     Ended,
@@ -161,8 +163,21 @@ class EngineProcessBackend:
         return self._problem
 
     def preflight(self) -> None:
-        if isinstance(self._local, Preflight):
-            self._local.preflight()
+        """The engine's own preflight, run in a short-lived process as the engine will run: an
+        engine's checks may import it (exllamav2 imports torch and builds its CUDA extension)."""
+        if not isinstance(self._local, Preflight):
+            return
+        checked = subprocess.run(
+            [*self._command(), "--preflight"], stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
+        )
+        if checked.returncode == PREFLIGHT_REFUSED:
+            raise BackendUnavailable(checked.stdout.strip())
+        if checked.returncode != 0:
+            last = (checked.stderr.strip().splitlines() or [exit_description(checked.returncode)])[-1]
+            raise BackendUnavailable(f"model {self._name!r}: the engine's check failed: {last}")
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "backends.engine_process.server", "--spec", encode_spec(self._spec)]
 
     async def start(self) -> None:
         if self._connection is not None:
@@ -221,13 +236,9 @@ class EngineProcessBackend:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with ours, theirs:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "backends.engine_process.server",
+                *self._command(),
                 "--fd",
                 str(theirs.fileno()),
-                "--spec",
-                encode_spec(self._spec),
                 "--log-level",
                 logging.getLevelName(logging.getLogger().getEffectiveLevel()),
                 stdin=asyncio.subprocess.DEVNULL,

@@ -19,8 +19,9 @@ import socket
 import sys
 from pathlib import Path
 
-from backends.base import Backend, BackendError, BackendUnavailable, GenerationRequest
+from backends.base import Backend, BackendError, BackendUnavailable, GenerationRequest, Preflight
 from backends.engine_process.wire import (
+    PREFLIGHT_REFUSED,
     Cancel,
     Delta,
     Ended,
@@ -133,12 +134,30 @@ def _kind(kind: str) -> BackendKind:
     return kind  # type: ignore[return-value]  # checked just above
 
 
+def preflight(spec: EngineSpec) -> int:
+    """Check, where the engine will run, that it can start; say why not in one line on stdout."""
+    weights_dir = Path(spec.weights_dir) if spec.weights_dir is not None else None
+    try:
+        backend = create_backend(_kind(spec.kind), spec.config, weights_dir=weights_dir)
+        if isinstance(backend, Preflight):
+            backend.preflight()
+    except BackendUnavailable as exc:
+        print(exc, flush=True)
+        return PREFLIGHT_REFUSED
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backends.engine_process.server")
-    parser.add_argument("--fd", type=int, required=True, help="this process's end of the gateway's socket pair")
+    parser.add_argument("--fd", type=int, help="this process's end of the gateway's socket pair")
     parser.add_argument("--spec", required=True, help="what to serve, as JSON (EngineSpec)")
+    parser.add_argument("--preflight", action="store_true", help="only check that the engine could start")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if args.preflight:
+        return preflight(decode_spec(args.spec))
+    if args.fd is None:
+        parser.error("--fd is needed to serve")
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,

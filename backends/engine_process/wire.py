@@ -28,6 +28,9 @@ from backends.config import BackendConfig
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 """A frame larger than this is a broken peer, not a message (a prompt of 100k tokens is ~500 KB)."""
 
+PREFLIGHT_REFUSED = 3
+"""The exit status of an engine's preflight that refused to start, its reason on stdout."""
+
 _LENGTH = struct.Struct(">I")
 
 

@@ -121,7 +121,7 @@ async def test_a_start_failure_says_what_the_engine_said(tmp_path: Path) -> None
     backend = create_backend("llamacpp", config)
     assert isinstance(backend, WeightsPreparingEngineProcess)
     with pytest.raises(BackendUnavailable, match=r"missing\.gguf"):
-        backend.preflight()  # answered here, without a process
+        backend.preflight()  # answered by a short-lived process, as the engine would
     with pytest.raises(BackendUnavailable, match=r"missing\.gguf"):
         await backend.start()
     assert backend.pid is None
