@@ -7,6 +7,7 @@ would otherwise compete with the gateway's HTTP for one interpreter.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +17,8 @@ from backends.config import BackendConfig
 BackendKind = Literal["llamacpp", "exllamav2", "openai", "scripted"]
 
 ENGINE_PROCESS_OPTION = "engine_process"
-_ENGINE_PROCESS_BY_DEFAULT: dict[str, bool] = {"llamacpp": False, "exllamav2": True, "scripted": False}
+ENGINE_PROCESS_BY_DEFAULT: dict[str, bool] = {"llamacpp": False, "exllamav2": True, "scripted": False}
+"""The local engines, which may run in a process of their own, and whether they do by default."""
 
 
 def create_backend(kind: BackendKind, config: BackendConfig, *, weights_dir: Path | None = None) -> Backend:
@@ -25,13 +27,13 @@ def create_backend(kind: BackendKind, config: BackendConfig, *, weights_dir: Pat
     ``weights_dir`` is where llama.cpp keeps weights it converts (``compute_format``).
     Raises `BackendUnavailable` for a kind no engine here serves, or a bad ``engine_process``.
     """
-    apart = config.options.get(ENGINE_PROCESS_OPTION, _ENGINE_PROCESS_BY_DEFAULT.get(kind, False))
+    apart = config.options.get(ENGINE_PROCESS_OPTION, ENGINE_PROCESS_BY_DEFAULT.get(kind, False))
     if not isinstance(apart, bool):
         raise BackendUnavailable(f"model {config.name!r}: engine_process must be true or false, not {apart!r}")
-    if ENGINE_PROCESS_OPTION in config.options and kind not in _ENGINE_PROCESS_BY_DEFAULT:
+    if ENGINE_PROCESS_OPTION in config.options and kind not in ENGINE_PROCESS_BY_DEFAULT:
         raise BackendUnavailable(f"model {config.name!r}: engine_process is an option of local engines, not {kind!r}")
     options = {name: value for name, value in config.options.items() if name != ENGINE_PROCESS_OPTION}
-    local = BackendConfig(config.name, config.path, config.context_length, config.max_concurrency, options)
+    local = dataclasses.replace(config, options=options)
     backend = _in_process(kind, local, weights_dir)
     if not apart:
         return backend

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import signal
@@ -132,13 +133,7 @@ class EngineProcessBackend:
         preflight and weights questions, and the capabilities until the engine reports its own."""
         self._name = config.name
         # The engine process builds its backend in process: it must not start a process in turn.
-        inner = BackendConfig(
-            name=config.name,
-            path=config.path,
-            context_length=config.context_length,
-            max_concurrency=config.max_concurrency,
-            options={**config.options, "engine_process": False},
-        )
+        inner = dataclasses.replace(config, options={**config.options, "engine_process": False})
         self._spec = EngineSpec(kind, inner, str(weights_dir) if weights_dir is not None else None)
         self._local = local
         self._capabilities = local.capabilities

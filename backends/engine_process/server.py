@@ -37,7 +37,7 @@ from backends.engine_process.wire import (
     frame,
     read_to_engine,
 )
-from backends.factory import BackendKind, create_backend
+from backends.factory import ENGINE_PROCESS_BY_DEFAULT, BackendKind, create_backend
 
 logger = logging.getLogger("backends.engine_process")
 
@@ -77,11 +77,9 @@ class _Session:
             self._writer.write(frame(Ended(id)))
         except BackendError as exc:
             self._writer.write(frame(failed(id, exc)))
-        except (ConnectionError, RuntimeError) as exc:
+        except Exception as exc:  # reported to the gateway's request, never lost here
             if self._writer.is_closing():
                 return  # the gateway is gone; the main loop is shutting down
-            self._writer.write(frame(Failed(id, f"the engine failed: {exc}", "GenerationFailed")))
-        except Exception as exc:  # reported to the gateway's request, never lost here
             logger.exception("generation %d failed", id)
             self._writer.write(frame(Failed(id, f"the engine failed: {exc}", "GenerationFailed")))
         finally:
@@ -129,7 +127,7 @@ async def _refuse(writer: asyncio.StreamWriter, message: str) -> int:
 
 
 def _kind(kind: str) -> BackendKind:
-    if kind not in ("llamacpp", "exllamav2", "scripted"):
+    if kind not in ENGINE_PROCESS_BY_DEFAULT:
         raise BackendUnavailable(f"an engine process cannot serve backend {kind!r}")
     return kind  # type: ignore[return-value]  # checked just above
 

@@ -130,24 +130,22 @@ async def _read_payload(reader: asyncio.StreamReader) -> bytes | None:
         raise FrameError("the stream ended inside a frame") from None
 
 
-async def read_to_engine(reader: asyncio.StreamReader) -> ToEngine | None:
+async def _read[M](reader: asyncio.StreamReader, decoder: msgspec.msgpack.Decoder[M], sender: str) -> M | None:
     payload = await _read_payload(reader)
     if payload is None:
         return None
     try:
-        return _to_engine.decode(payload)
+        return decoder.decode(payload)
     except msgspec.DecodeError as exc:
-        raise FrameError(f"not a gateway message: {exc}") from None
+        raise FrameError(f"not {sender} message: {exc}") from None
+
+
+async def read_to_engine(reader: asyncio.StreamReader) -> ToEngine | None:
+    return await _read(reader, _to_engine, "a gateway")
 
 
 async def read_from_engine(reader: asyncio.StreamReader) -> FromEngine | None:
-    payload = await _read_payload(reader)
-    if payload is None:
-        return None
-    try:
-        return _from_engine.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise FrameError(f"not an engine message: {exc}") from None
+    return await _read(reader, _from_engine, "an engine")
 
 
 class EngineSpec(msgspec.Struct, frozen=True):
@@ -162,7 +160,7 @@ def _read_only_mapping(value: object) -> object:
     # A config's options are a read-only view, which msgspec does not encode by itself.
     if isinstance(value, MappingProxyType):
         return dict(value)
-    raise NotImplementedError(f"cannot encode {type(value).__name__}")
+    raise TypeError(f"an engine spec cannot hold a {type(value).__name__}")
 
 
 def encode_spec(spec: EngineSpec) -> str:
