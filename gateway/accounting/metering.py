@@ -71,24 +71,32 @@ class Ticket(Protocol):
         """Rate-limit headers to send with the response."""
         ...
 
+    def finishing(self, generation: Generation, status: UsageStatus) -> asyncio.Future[None]:
+        """Start recording usage and settling reservations, on the first call only; the future
+        is done once that work is, and no cancellation of a caller cuts it short."""
+        ...
+
     async def finish(self, generation: Generation, status: UsageStatus) -> None:
-        """Record usage and settle reservations. Idempotent: only the first call counts."""
+        """``finishing``, waited for. Idempotent: only the first call counts."""
         ...
 
 
 class FinishOnce(abc.ABC):
     """A ticket whose first ``finish`` does the work; later or concurrent calls wait for it.
 
-    The work is shielded: a request cancelled while its usage is being recorded (a client that
-    went away) does not cut the recording short.
+    The work runs in a task of its own: a request cancelled while its usage is being recorded
+    (a client that went away) does not cut the recording short.
     """
 
     _finishing: asyncio.Future[None] | None = None
 
-    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+    def finishing(self, generation: Generation, status: UsageStatus) -> asyncio.Future[None]:
         if self._finishing is None:
             self._finishing = asyncio.ensure_future(self._finish_once(generation, status))
-        await asyncio.shield(self._finishing)
+        return self._finishing
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        await asyncio.shield(self.finishing(generation, status))
 
     @abc.abstractmethod
     async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
@@ -108,6 +116,11 @@ class _FreeTicket:
     @property
     def headers(self) -> dict[str, str]:
         return {}
+
+    def finishing(self, generation: Generation, status: UsageStatus) -> asyncio.Future[None]:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
 
     async def finish(self, generation: Generation, status: UsageStatus) -> None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import weakref
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from litestar.types import ASGIApp, HTTPScope, Receive, Scope, Send
 from litestar.types import Message as ASGIMessage
 
 from gateway.accounting.keys import ApiKeyInfo
-from gateway.accounting.metering import AdmissionRequest, FinishOnce, Metering, Ticket, billed_as
+from gateway.accounting.metering import AdmissionRequest, Metering, Ticket, billed_as
 from gateway.accounting.usage import UsageStatus
 from gateway.accounting.usage.pricing import cost
 from gateway.observability.drain import PROBE
@@ -115,7 +116,14 @@ def _outcome(
     )
 
 
-class ObservedTicket(FinishOnce):
+class ObservedTicket:
+    """The routes' ticket: the inner ticket's finish, observed once it is done.
+
+    The observation is a callback on the inner ticket's own finishing future rather than a task
+    of its own: it runs exactly once whatever happens to the callers, and the first call costs
+    one task (the inner ticket's), not two.
+    """
+
     def __init__(
         self,
         inner: Ticket,
@@ -131,18 +139,26 @@ class ObservedTicket(FinishOnce):
         self._metrics = metrics
         self._admission = admission
         self._log_content = log_content
+        self._finishing: asyncio.Future[None] | None = None
         self.outcome: GenerationOutcome | None = None
 
     @property
     def headers(self) -> dict[str, str]:
         return self._inner.headers
 
-    async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
-        recorded = False
+    def finishing(self, generation: Generation, status: UsageStatus) -> asyncio.Future[None]:
+        if self._finishing is None:
+            self._finishing = self._inner.finishing(generation, status)
+            # Registered before any caller waits: the outcome is known before a waiter resumes.
+            self._finishing.add_done_callback(functools.partial(self._observe, generation, status))
+        return self._finishing
+
+    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+        await asyncio.shield(self.finishing(generation, status))
+
+    def _observe(self, generation: Generation, status: UsageStatus, finished: asyncio.Future[None]) -> None:
         try:
-            await self._inner.finish(generation, status)
-            recorded = True
-        finally:
+            recorded = not finished.cancelled() and finished.exception() is None
             outcome = _outcome(self._admission, generation, status, recorded=recorded, content=self._log_content)
             self.outcome = outcome
             metrics = self._metrics
@@ -153,6 +169,7 @@ class ObservedTicket(FinishOnce):
             metrics.record_backend_outcome(outcome.model, failed=status == "failed")
             if outcome.model != outcome.requested_model:
                 metrics.fallbacks.labels(outcome.requested_model, outcome.model).inc()
+        finally:
             self.settled = True
             self._on_settled()
 

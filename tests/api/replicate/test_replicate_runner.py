@@ -8,6 +8,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from backends.base import BackendCapabilities, GenerationFailed, GenerationRequest, SamplingParams, TokenDelta
 from backends.scripted import ScriptedBackend
+from gateway.accounting.metering import FinishOnce
 from gateway.accounting.usage import UsageStatus
 from gateway.api.replicate.predictions import Prediction
 from gateway.api.replicate.records import PredictionRecords
@@ -18,13 +19,13 @@ from gateway.serving.registry import ModelRuntime
 from tests.support.prediction_records import new_prediction
 
 
-class RecordingTicket:
+class RecordingTicket(FinishOnce):
     def __init__(self, fail: bool = False) -> None:
         self.headers: dict[str, str] = {}
         self.finished: list[tuple[UsageStatus, int, int]] = []
         self._fail = fail
 
-    async def finish(self, generation: Generation, status: UsageStatus) -> None:
+    async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
         self.finished.append((status, generation.prompt_tokens, generation.completion_tokens))
         if self._fail:
             raise RuntimeError("the database is gone")
