@@ -230,30 +230,38 @@ def _served_name(chain: FirstToStart[_Attempt], requested: str) -> str:
 
 
 async def _collect(request: AnyRequest, chain: FirstToStart[_Attempt], ticket: Ticket) -> dict[int, ChoiceReply]:
-    """Run a non-streamed generation, stopping it if the client disconnects meanwhile."""
+    """Run a non-streamed generation in the request's own task; a watcher cancels it if the
+    client disconnects meanwhile."""
+    this = asyncio.current_task()
+    if this is None:
+        raise RuntimeError("_collect runs in a task")
+    client_left = False
 
-    async def run() -> None:
+    def stop_generating(watcher: asyncio.Task[None]) -> None:
+        nonlocal client_left
+        if collecting and not watcher.cancelled():
+            client_left = True
+            this.cancel()
+
+    collecting = True
+    watcher = asyncio.create_task(_wait_for_disconnect(request))
+    watcher.add_done_callback(stop_generating)
+    status: UsageStatus = "cancelled"
+    try:
         async with contextlib.aclosing(chain.events()) as events:
             async for event in events:
                 chain.current.assemblers[event.index].feed(event)
-
-    work = asyncio.create_task(run())
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    status: UsageStatus = "cancelled"
-    try:
-        done, _ = await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if work in done:
-            work.result()
-            status = usage_status(chain.generation)
-        else:
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
+        status = usage_status(chain.generation)
+    except asyncio.CancelledError:
+        if not client_left:
+            raise
+        this.uncancel()  # the generation stopped because its client left; the request ends here
     except BackendError as exc:
         status = "failed"
         raise _generation_error(exc, chain.generation) from None
     finally:
+        collecting = False
         watcher.cancel()
-        work.cancel()
         await ticket.finish(chain.generation, status)
     return {index: assembler.reply for index, assembler in enumerate(chain.current.assemblers)}
 
