@@ -92,13 +92,14 @@ class Redactor:
         self.log_content = log_content
 
     def __call__(self, _: WrappedLogger, __: str, event_dict: EventDict) -> EventDict:
-        for name in list(event_dict):
-            if _is_secret(name):
+        # Every line passes here: names are looked up in one cached call, plain values skipped.
+        for name, value in list(event_dict.items()):
+            if isinstance(name, str) and _secret_name(name):
                 event_dict[name] = REDACTED
-            elif not self.log_content and name in CONTENT_FIELDS:
+            elif name in CONTENT_FIELDS and not self.log_content:
                 del event_dict[name]
-            else:
-                event_dict[name] = _scrub(event_dict[name])
+            elif type(value) not in _PLAIN:
+                event_dict[name] = _scrub(value)
         return event_dict
 
 
