@@ -221,6 +221,11 @@ class ReportsProblems(Protocol):
         """Why the backend cannot serve now, in one sentence; ``None`` while it can."""
         ...
 
+    @property
+    def engine_exits(self) -> int:
+        """How many times its engine ended while serving, since the backend was built."""
+        ...
+
 
 WeightsProgress = Callable[[int, int], None]
 """Called with (bytes done, bytes in all) while weights are being made."""

@@ -143,6 +143,7 @@ class EngineProcessBackend:
         self._stopping = False
         self._ids = itertools.count()
         self._problem: str | None = f"model {config.name!r}: the engine process is not started"
+        self._exits = 0
 
     @property
     def capabilities(self) -> BackendCapabilities:
@@ -156,6 +157,10 @@ class EngineProcessBackend:
 
     def problem(self) -> str | None:
         return self._problem
+
+    @property
+    def engine_exits(self) -> int:
+        return self._exits
 
     def preflight(self) -> None:
         """The engine's own preflight, run in a short-lived process as the engine will run: an
@@ -271,6 +276,7 @@ class EngineProcessBackend:
         await connection.read_all()
         if self._stopping or self._connection is not connection:
             return
+        self._exits += 1
         self._problem = f"model {self._name!r}: {connection.lost}; starting it again"
         logger.error("engine process %d of model %s: %s", connection.process.pid, self._name, connection.lost)
         self._restarting = asyncio.create_task(self._restart(), name=f"engine-restart-{self._name}")

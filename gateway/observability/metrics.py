@@ -18,7 +18,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Set
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
@@ -148,10 +148,16 @@ class GatewayMetrics:
         )
         self.backend_up = Gauge(
             "llama_gateway_backend_up",
-            "1 when the model's backend is started and its latest generation did not fail.",
+            "1 when the model's backend is started, its engine can serve, and its latest generation did not fail.",
             ["model"],
             registry=r,
             multiprocess_mode="livemostrecent",
+        )
+        self.engine_exits = Counter(
+            "llama_gateway_engine_exits",
+            "Engine processes of the model that ended while serving; each is started again.",
+            ["model"],
+            registry=r,
         )
         self.fallbacks = Counter(
             "llama_gateway_model_fallbacks",
@@ -215,9 +221,11 @@ class GatewayMetrics:
         else:
             self._failing_backends.discard(model)
 
-    def set_backends(self, models: list[str], *, started: bool) -> None:
+    def set_backends(self, models: list[str], *, started: bool, unable: Set[str] = frozenset()) -> None:
+        """``unable``: models whose backend cannot serve now (an engine process starting again)."""
         for model in models:
-            self.backend_up.labels(model).set(1 if started and model not in self._failing_backends else 0)
+            up = started and model not in unable and model not in self._failing_backends
+            self.backend_up.labels(model).set(1 if up else 0)
 
     def copy_total(self, counter: Counter, name: str, total: int) -> None:
         """Advance ``counter`` to an owner's running total (counted since this process started)."""

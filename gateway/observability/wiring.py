@@ -19,7 +19,7 @@ from litestar.middleware import DefineMiddleware
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from backends.base import HasReplicas
+from backends.base import HasReplicas, ReportsProblems
 from gateway.observability.drain import Drain, DrainMiddleware
 from gateway.observability.metrics import GatewayMetrics, ReplicaMetrics, forget_this_process, multiprocess_enabled
 from gateway.observability.request_observer import ObservedMetering, RequestObserver
@@ -92,10 +92,17 @@ class Observability:
 
     def copy_live_values(self) -> None:
         state, metrics = self._state, self.metrics
+        unable: set[str] = set()
         for runtime in state.models:
             metrics.queue_depth.labels(runtime.name).set(runtime.queue.waiting)
             metrics.running.labels(runtime.name).set(runtime.queue.running)
-        metrics.set_backends([runtime.name for runtime in state.models], started=state.ready)
+            backend = runtime.backend
+            if isinstance(backend, ReportsProblems):
+                if backend.problem() is not None:
+                    unable.add(runtime.name)
+                exits = metrics.engine_exits.labels(runtime.name)
+                metrics.copy_total(exits, f"engine_exits {runtime.name}", backend.engine_exits)
+        metrics.set_backends([runtime.name for runtime in state.models], started=state.ready, unable=unable)
         metrics.draining.set(1 if state.draining else 0)
         try:
             recorder = state.accounting.usage

@@ -23,6 +23,7 @@ from backends.engine_process.backend import EngineProcessBackend
 from backends.factory import create_backend
 from gateway.serving.registry import backend_config
 from tests.support.embedded import shared_data_dir
+from tests.support.gateway_process import metric_samples, sample
 from tests.support.model_configs import EMBEDDED, embedded_model
 from tests.support.served import Served, serve
 
@@ -54,11 +55,19 @@ def ready(served: Served) -> httpx.Response:
     return httpx.get(served.live.base_url + "/ready", timeout=10)
 
 
+def engine_metrics(served: Served) -> tuple[float, float]:
+    """``llama_gateway_backend_up`` and ``llama_gateway_engine_exits_total`` of the model."""
+    samples = metric_samples(httpx.get(served.live.base_url + "/metrics", timeout=10).text)
+    up = sample(samples, "llama_gateway_backend_up", model=EMBEDDED)
+    return up, sample(samples, "llama_gateway_engine_exits_total", model=EMBEDDED)
+
+
 def test_requests_under_way_fail_are_billed_and_the_engine_comes_back(
     served: Served, engine: EngineProcessBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(engine_process, "RESTART_PAUSES", (RESTART_PAUSE_S,))
     assert ready(served).status_code == 200
+    assert engine_metrics(served) == (1, 0)
     pid = engine.pid
     assert pid is not None
     client = served.client(max_retries=0)
@@ -102,6 +111,7 @@ def test_requests_under_way_fail_are_billed_and_the_engine_comes_back(
     not_ready = ready(served)
     assert not_ready.status_code == 503
     assert any("SIGKILL" in reason for reason in not_ready.json()["reasons"])
+    assert engine_metrics(served) == (0, 1)
     with pytest.raises(openai.APIStatusError) as refused:
         client.chat.completions.create(model=EMBEDDED, messages=COUNT, max_tokens=5)
     assert refused.value.status_code == 503
@@ -120,3 +130,5 @@ def test_requests_under_way_fail_are_billed_and_the_engine_comes_back(
     row = served.usage_row(answer.headers["x-request-id"])
     assert (row["status"], row["completion_tokens"]) == ("length", 8)
     assert completion.usage.completion_tokens == 8
+    # Up again once a generation succeeds (the refused one above counted as a failed generation).
+    assert engine_metrics(served) == (1, 1)
