@@ -39,10 +39,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-import aiohttp
 import msgspec
-import multidict
-import yarl
 
 from backends.base import (
     BackendCapabilities,
@@ -55,6 +52,7 @@ from backends.base import (
     TokenLogprob,
 )
 from backends.config import BackendConfig
+from backends.http1 import ConnectFailed, Http1Client, Http1Error, Response, Target
 from backends.replica_pool import Replica, ReplicaPool, SkipReason
 
 _KNOWN_OPTIONS = {
@@ -71,6 +69,7 @@ CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 5.0
 UPSTREAM_KEEPALIVE_S = 60.0
 MAX_SSE_LINE_BYTES = 8 * 1024 * 1024
+MAX_PROBE_BODY_BYTES = 64 * 1024
 """A worker's event longer than this is refused rather than buffered without end."""
 
 
@@ -156,7 +155,7 @@ class _Skip(Exception):
 
 # What a worker's stream can raise once it has started: a broken connection, a read timeout,
 # events that are not what OpenAI sends.
-_STREAM_ERRORS = (GenerationFailed, aiohttp.ClientError, TimeoutError, ValueError, KeyError, TypeError, AttributeError)
+_STREAM_ERRORS = (GenerationFailed, Http1Error, TimeoutError, ValueError, KeyError, TypeError, AttributeError)
 
 
 class OpenAIUpstreamBackend:
@@ -166,14 +165,18 @@ class OpenAIUpstreamBackend:
         self._pool = ReplicaPool(
             config.name, self._options.base_urls, eject_after_failures=self._options.eject_after_failures
         )
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Http1Client | None = None
         self._prober: asyncio.Task[None] | None = None
         headers = {"Content-Type": "application/json"}
         if self._options.api_key:
             headers["Authorization"] = f"Bearer {self._options.api_key}"
-        self._headers = multidict.CIMultiDict(headers)
-        # Parsed once: aiohttp would parse a URL string on every request.
-        self._completions_urls = {r.url: yarl.URL(r.url + "/completions") for r in self._pool.replicas}
+        # Each replica's requests, split and written out once: only the length and body vary.
+        self._completions: dict[str, tuple[Target, bytes]] = {}
+        self._models: dict[str, tuple[Target, bytes]] = {}
+        for replica in self._pool.replicas:
+            for table, path, method in ((self._completions, "/completions", "POST"), (self._models, "/models", "GET")):
+                target = Target.parse(replica.url + path)
+                table[replica.url] = (target, target.head(method, headers))
         # Fixed by the configuration, and read several times per request.
         self._capabilities = BackendCapabilities(
             max_concurrency=config.max_concurrency,
@@ -190,34 +193,23 @@ class OpenAIUpstreamBackend:
         self._pool.observe(observer)
 
     async def start(self) -> None:
-        # aiohttp rather than httpx: a streamed request costs it about a sixth of the CPU time
-        # (bench/overhead.py), and this client sits on every request the gateway forwards.
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S),
-            timeout=aiohttp.ClientTimeout(
-                total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=self._options.timeout_s
-            ),
-            # Per request, aiohttp would otherwise filter cookies and offer compression, which
-            # workers do not use for token streams; neither is wanted between gateway and worker.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            auto_decompress=False,
-            raise_for_status=False,
-        )
-        self._prober = asyncio.create_task(self._probe_periodically(self._session), name=f"probe {self._config.name}")
+        # backends.http1 rather than aiohttp or httpx: this client sits on every request the
+        # gateway forwards, and there it costs a fifth of aiohttp's CPU time (bench/request_steps.py).
+        self._client = Http1Client(connect_timeout_s=CONNECT_TIMEOUT_S, keepalive_s=UPSTREAM_KEEPALIVE_S)
+        self._prober = asyncio.create_task(self._probe_periodically(self._client), name=f"probe {self._config.name}")
 
     async def stop(self) -> None:
         if self._prober is not None:
             self._prober.cancel()
             await asyncio.gather(self._prober, return_exceptions=True)
             self._prober = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenDelta]:
-        session = self._session
-        if session is None:
+        client = self._client
+        if client is None:
             raise BackendUnavailable(f"model {self._config.name!r} is not started")
         body = msgspec.json.encode(request_body(self._options.model, request))
         skips: list[str] = []
@@ -226,7 +218,7 @@ class OpenAIUpstreamBackend:
             try:
                 async with contextlib.AsyncExitStack() as stack:
                     try:
-                        deltas, first = await self._first_delta(session, stack, replica, body)
+                        deltas, first = await self._first_delta(client, stack, replica, body)
                     except _Skip as skip:
                         self._pool.skipped(replica, skip.reason, skip.detail)
                         skips.append(f"{replica.url}: {skip.detail}")
@@ -246,60 +238,58 @@ class OpenAIUpstreamBackend:
         raise GenerationFailed(f"no worker of model {self._config.name!r} started the generation: {'; '.join(skips)}")
 
     async def _first_delta(
-        self, session: aiohttp.ClientSession, stack: contextlib.AsyncExitStack, replica: Replica, body: bytes
+        self, client: Http1Client, stack: contextlib.AsyncExitStack, replica: Replica, body: bytes
     ) -> tuple[AsyncIterator[TokenDelta], TokenDelta]:
         """The replica's stream and its first delta, or ``_Skip``; a 4xx of the request's own raises."""
         limit = self._options.first_token_timeout_s
         refused: str | None = None
         try:
             async with asyncio.timeout(limit):
+                target, head = self._completions[replica.url]
                 response = await stack.enter_async_context(
-                    session.post(self._completions_urls[replica.url], data=body, headers=self._headers)
+                    await client.request("POST", target, head, body, read_timeout_s=self._options.timeout_s)
                 )
                 if response.status != 200:
-                    detail = f"answered {response.status}: " + (await response.content.read(500)).decode(
-                        errors="replace"
-                    )
+                    detail = f"answered {response.status}: " + (await response.read(500)).decode(errors="replace")
                     if response.status == 429:
                         raise _Skip("status_429", detail)
                     if response.status >= 500:
                         raise _Skip("status_5xx", detail)
                     refused = detail
                 else:
-                    deltas = _deltas(response.content)
+                    deltas = _deltas(response)
                     return deltas, await anext(deltas)
-        except aiohttp.ClientConnectorError as exc:
+        except ConnectFailed as exc:
             raise _Skip("connect_error", _describe(exc)) from exc
         except TimeoutError as exc:
             raise _Skip("timeout", f"no first token within {limit:g} s ({_describe(exc)})") from exc
-        except aiohttp.ClientError as exc:
+        except Http1Error as exc:
             raise _Skip("disconnected", _describe(exc)) from exc
         except (GenerationFailed, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _Skip("stream_error", _describe(exc)) from exc
         raise GenerationFailed(f"worker {replica.url} {refused}")
 
-    async def _probe_periodically(self, session: aiohttp.ClientSession) -> None:
+    async def _probe_periodically(self, client: Http1Client) -> None:
         while True:
             await asyncio.sleep(self._options.probe_interval_s)
             out = self._pool.out_of_rotation()
             if out:
-                await asyncio.gather(*(self._probe(session, replica) for replica in out))
+                await asyncio.gather(*(self._probe(client, replica) for replica in out))
 
-    async def _probe(self, session: aiohttp.ClientSession, replica: Replica) -> None:
+    async def _probe(self, client: Http1Client, replica: Replica) -> None:
+        target, head = self._models[replica.url]
         try:
-            async with (
-                asyncio.timeout(PROBE_TIMEOUT_S),
-                session.get(replica.url + "/models", headers=self._headers) as response,
-            ):
-                await response.read()
-                answering = response.status < 500 and response.status != 429
-        except (aiohttp.ClientError, TimeoutError):
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                async with await client.request("GET", target, head) as response:
+                    await response.read(MAX_PROBE_BODY_BYTES)
+                    answering = response.status < 500 and response.status != 429
+        except (Http1Error, TimeoutError):
             return
         if answering:
             self._pool.restore(replica, via="probe")
 
 
-async def _sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[bytes]]:
+async def _sse_batches(content: Response) -> AsyncIterator[list[bytes]]:
     """The ``data:`` payloads of a server-sent event stream, as many at a time as have arrived,
     read to its very end.
 
@@ -320,7 +310,7 @@ async def _sse_batches(content: aiohttp.StreamReader) -> AsyncIterator[list[byte
         yield [pending[5:].strip()]
 
 
-async def _deltas(content: aiohttp.StreamReader) -> AsyncIterator[TokenDelta]:
+async def _deltas(content: Response) -> AsyncIterator[TokenDelta]:
     """One delta for the tokens of each read: events that arrived together go on together, so a
     fast worker's tokens cost the layers above one step per read, not one per token."""
     counted = 0
