@@ -1,4 +1,4 @@
-"""Before and after: the latency two gateway trees add at c=1, measured in alternating rounds.
+"""Before and after: what two gateway trees cost a request, measured side by side in alternating rounds.
 
 ``bench.overhead`` compares the gateway with its upstream; this compares two versions of the
 gateway with each other, in one run, so that a change's effect is not lost in the noise between
@@ -6,7 +6,11 @@ runs on a shared machine. The "before" gateway runs the code of another checkout
 ``git worktree add /tmp/before HEAD~3``) through ``PYTHONPATH``; both use this checkout's
 benchmark set-up (instant upstream, SQLite, a key with limits and a budget, usage recording on).
 
-    python -m bench.overhead_ab --before /tmp/before [--rounds 5] [--seconds 4]
+Each round runs wrk at c=1 against the upstream direct and both gateways (the p50 each adds, and
+the gateway's CPU time per request), then at c=16 against both gateways (requests/s); rounds
+alternate the order. It prints each side's medians and the paired differences, round by round.
+
+    python -m bench.overhead_ab --before /tmp/before [--rounds 5] [--seconds 4] [--busy 16]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import statistics
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.overhead import BODY, Target, _gateway, _models, _sqlite_url, upstream
@@ -44,7 +49,40 @@ def _python_path(tree: Path | None) -> Iterator[None]:
             os.environ["PYTHONPATH"] = previous
 
 
-async def measure(before: Path, rounds: int, seconds: float) -> None:
+@dataclass
+class _Rounds:
+    """One mode's rounds: p50 (ms), req/s and gateway CPU per request (us), by target name."""
+
+    p50: dict[str, list[float]] = field(default_factory=lambda: {"direct": [], "before": [], "after": []})
+    rate: dict[str, list[float]] = field(default_factory=lambda: {"direct": [], "before": [], "after": []})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {"before": [], "after": []})
+
+    def paired(self, values: dict[str, list[float]]) -> list[float]:
+        """after - before, round by round (the two ran next to each other)."""
+        return [a - b for b, a in zip(values["before"], values["after"], strict=True)]
+
+
+async def _round(
+    targets: list[Target], body: dict[str, object], connections: int, seconds: float, into: _Rounds
+) -> None:
+    for target in targets:
+        start = _cpu_seconds(target.pid) if target.pid else 0.0
+        result = await run_wrk(
+            target.base_url + "/v1/chat/completions",
+            body,
+            connections=connections,
+            seconds=seconds,
+            api_key=target.api_key,
+        )
+        if result.non_2xx:
+            raise RuntimeError(f"{target.name} answered {result.non_2xx} non-2xx responses")
+        into.p50[target.name].append(result.p50_us / 1000)
+        into.rate[target.name].append(result.requests / (result.duration_us / 1e6))
+        if target.pid:
+            into.cpu[target.name].append(1e6 * (_cpu_seconds(target.pid) - start) / max(1, result.ok))
+
+
+async def measure(before: Path, rounds: int, seconds: float, busy_connections: int) -> None:
     async with AsyncExitStack() as stack:
         instant = await stack.enter_async_context(upstream(0))
         paced = await stack.enter_async_context(upstream(0))
@@ -55,34 +93,31 @@ async def measure(before: Path, rounds: int, seconds: float) -> None:
         direct = Target("direct", instant)
         for stream in (False, True):
             body = {**BODY, "stream": stream}
-            p50: dict[str, list[float]] = {"direct": [], "before": [], "after": []}
-            cpu: dict[str, list[float]] = {"before": [], "after": []}
-            for _ in range(rounds):
-                for target in (direct, old, new):
-                    start = _cpu_seconds(target.pid) if target.pid else 0.0
-                    result = await run_wrk(
-                        target.base_url + "/v1/chat/completions",
-                        body,
-                        connections=1,
-                        seconds=seconds,
-                        api_key=target.api_key,
-                    )
-                    if result.non_2xx:
-                        raise RuntimeError(f"{target.name} answered {result.non_2xx} non-2xx responses")
-                    p50[target.name].append(result.p50_us / 1000)
-                    if target.pid:
-                        cpu[target.name].append(1e6 * (_cpu_seconds(target.pid) - start) / max(1, result.ok))
-            base = statistics.median(p50["direct"])
             mode = "stream" if stream else "json"
+            alone, busy = _Rounds(), _Rounds()
+            for index in range(rounds):
+                # Each round in the other order, so a drift of the machine's speed favours neither.
+                order = [direct, old, new] if index % 2 == 0 else [new, old, direct]
+                await _round(order, body, 1, seconds, alone)
+                await _round([target for target in order if target.pid], body, busy_connections, seconds, busy)
+            base = statistics.median(alone.p50["direct"])
             for name in ("before", "after"):
-                rounds_ms = ", ".join(f"{value - d:.2f}" for value, d in zip(p50[name], p50["direct"], strict=True))
-                added = statistics.median(p50[name]) - base
-                per_request = statistics.median(cpu[name])
+                rounds_ms = ", ".join(f"{value - base:.2f}" for value in alone.p50[name])
                 print(
-                    f"{mode:<6} c=1 {name:<6} p50 added {added:.2f} ms (rounds: {rounds_ms}); "
-                    f"gateway CPU {per_request:.0f} us a request",
+                    f"{mode:<6} c=1 {name:<6} p50 added {statistics.median(alone.p50[name]) - base:.2f} ms "
+                    f"(rounds: {rounds_ms}); gateway CPU {statistics.median(alone.cpu[name]):.0f} us a request; "
+                    f"c={busy_connections} {statistics.median(busy.rate[name]):.0f} req/s",
                     flush=True,
                 )
+            latency = alone.paired(alone.p50)
+            faster = sum(1 for difference in latency if difference < 0)
+            ratios = [a / b for b, a in zip(busy.rate["before"], busy.rate["after"], strict=True)]
+            print(
+                f"{mode:<6} after - before, paired by round: c=1 p50 {statistics.median(latency):+.3f} ms "
+                f"(after faster in {faster} of {rounds}), CPU {statistics.median(alone.paired(alone.cpu)):+.0f} us "
+                f"a request; c={busy_connections} req/s x{statistics.median(ratios):.2f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -90,8 +125,9 @@ def main() -> None:
     parser.add_argument("--before", type=Path, required=True, help="checkout of the gateway to compare with")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--busy", type=int, default=16, help="connections of the throughput runs")
     args = parser.parse_args()
-    asyncio.run(measure(args.before.resolve(), args.rounds, args.seconds))
+    asyncio.run(measure(args.before.resolve(), args.rounds, args.seconds, args.busy))
 
 
 if __name__ == "__main__":
