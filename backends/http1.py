@@ -78,6 +78,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
+        self.busy = False
+        """A request was sent and its response is not over: only then may bytes arrive."""
         self.idle_since = 0.0
         self._reset()
 
@@ -98,6 +100,9 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if not self.busy:
+            self.close()  # bytes no request asked for (a server's 408 on an idle connection): not reusable
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -132,6 +137,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.keep_alive = self._parser.should_keep_alive()
+        self.busy = False
         self._end()
 
     # the response's side
@@ -176,6 +182,7 @@ class _Connection(asyncio.Protocol):
         self._reset()
         if self.transport is None or self.closed:
             raise Http1Error("the connection is closed")
+        self.busy = True
         self.transport.write(data)
 
     def close(self) -> None:

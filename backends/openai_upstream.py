@@ -69,8 +69,9 @@ CONNECT_TIMEOUT_S = 5.0
 PROBE_TIMEOUT_S = 5.0
 UPSTREAM_KEEPALIVE_S = 60.0
 MAX_SSE_LINE_BYTES = 8 * 1024 * 1024
-MAX_PROBE_BODY_BYTES = 64 * 1024
 """A worker's event longer than this is refused rather than buffered without end."""
+MAX_PROBE_BODY_BYTES = 64 * 1024
+"""How much of a probe's answer is read; the status is what counts."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,6 +96,29 @@ async def test_a_connection_the_worker_closed_while_idle_is_replaced() -> None:
     assert worker.connections == 3
 
 
+async def test_a_connection_that_sends_bytes_while_idle_is_not_reused() -> None:
+    connections = 0
+
+    async def timing_out(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(2)
+        writer.write(OK_5)
+        await asyncio.sleep(0.02)
+        writer.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n")  # unasked, left open
+        await asyncio.sleep(1)
+        writer.close()
+
+    async for address in serving(timing_out):
+        http = client()
+        assert await fetch(http, f"http://{address}/v1") == (200, b"hello")
+        await asyncio.sleep(0.1)
+        assert await fetch(http, f"http://{address}/v1") == (200, b"hello")
+        http.close()
+    assert connections == 2
+
+
 async def test_idle_connections_older_than_the_keepalive_are_not_used() -> None:
     worker = Worker(lambda _: OK_5)
     async for address in serving(worker):
