@@ -26,6 +26,9 @@ import httptools
 
 HIGH_WATER_BYTES = 256 * 1024
 """Unread body bytes at which the connection stops reading from its socket until they are read."""
+MAX_HEAD_BYTES = 64 * 1024
+"""A response whose status line and headers are longer than this is refused (aiohttp's limits are
+8 KiB a line); without one, a worker could make the parser hold headers without end."""
 
 
 class Http1Error(Exception):
@@ -85,6 +88,7 @@ class _Connection(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.status = 0
+        self._head_bytes = 0
         self.headers_done = False
         self.complete = False
         self.keep_alive = False
@@ -108,6 +112,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(Http1Error(f"the worker's response is not valid HTTP: {exc}"))
             self.close()
+            return
+        if not self.headers_done:
+            self._head_bytes += len(data)  # headers still arriving: the parser holds them meanwhile
+        if self._head_bytes > MAX_HEAD_BYTES:
+            self._fail(Http1Error(f"the worker's response headers are longer than {MAX_HEAD_BYTES} bytes"))
+            self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -118,6 +128,9 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self.headers_done:
+            return  # a chunked body's trailer
+        self._head_bytes += len(name) + len(value)
         lowered = name.lower()
         if lowered == b"content-length" or (lowered == b"transfer-encoding" and b"chunked" in value.lower()):
             self.ends_with_connection = False

@@ -148,9 +148,15 @@ async def test_a_response_given_up_early_closes_its_connection() -> None:
         pytest.param(b"NOT HTTP AT ALL\r\n\r\n", "not valid HTTP", id="garbage"),
         pytest.param(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort", "closed the connection", id="cut-body"),
         pytest.param(b"", "closed the connection", id="no-answer"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nx-endless: " + b"a" * 100_000 + b"\r\n\r\n", "headers are longer", id="huge-headers"
+        ),
+        pytest.param(
+            [b"HTTP/1.1 200 OK\r\nx-endless: ", *[b"a" * 30_000] * 4], "headers are longer", id="headers-without-end"
+        ),
     ],
 )
-async def test_a_broken_answer_is_an_http1_error(answer: bytes, message: str) -> None:
+async def test_a_broken_answer_is_an_http1_error(answer: bytes | list[bytes], message: str) -> None:
     worker = Worker(lambda _: answer, close_after=True)
     async for address in serving(worker):
         http = client()
