@@ -47,6 +47,7 @@ from backends.engine_process.wire import (
     FrameError,
     FromEngine,
     Generate,
+    Log,
     Ready,
     Shutdown,
     StartFailed,
@@ -101,7 +102,9 @@ class _Connection:
         """Hand each frame to its generation until the process's end of the socket closes."""
         try:
             while (message := await read_from_engine(self.reader)) is not None:
-                if isinstance(message, Delta | Failed | Ended):
+                if isinstance(message, Log):
+                    relay(message, self.process.pid)
+                elif isinstance(message, Delta | Failed | Ended):
                     stream = self.streams.get(message.id)
                     if stream is not None:  # else its generation was cancelled meanwhile
                         stream.put_nowait(message)
@@ -113,6 +116,11 @@ class _Connection:
             self.lost = f"the engine process {exit_description(returncode)}"
             for stream in self.streams.values():
                 stream.put_nowait(GenerationFailed(self.lost))
+
+
+def relay(message: Log, pid: int) -> None:
+    """An engine's log record, written out by this process's logging with the engine's pid."""
+    logging.getLogger(message.logger).log(message.level, "%s", message.message, extra={"engine_pid": pid})
 
 
 async def _reap(process: asyncio.subprocess.Process, grace: float) -> int | None:
@@ -250,7 +258,9 @@ class EngineProcessBackend:
             theirs.close()
             try:
                 reader, writer = await asyncio.open_unix_connection(sock=ours.dup())
-                first = await read_from_engine(reader)
+                # Loading a model logs (llama.cpp's lines, the load time) before it is ready.
+                while isinstance(first := await read_from_engine(reader), Log):
+                    relay(first, process.pid)
             except BaseException:
                 process.kill()
                 await process.wait()

@@ -6,6 +6,8 @@ then runs each `Generate` as a task that forwards the backend's deltas as they c
 frame waits while the socket's buffer is full, so a gateway that stops reading slows its
 generations down instead of growing this process's memory. It exits on `Shutdown` or when the
 gateway's end of the socket closes (the gateway died): either way it stops the backend first.
+Its log records go to the gateway as `Log` frames while the connection is open, so they come out
+in the gateway's format; to stderr before and after.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import logging
 import os
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from backends.base import Backend, BackendError, BackendUnavailable, GenerationRequest, Preflight
 from backends.engine_process.wire import (
+    MAX_LOG_MESSAGE_CHARS,
     PREFLIGHT_REFUSED,
     Cancel,
     Delta,
@@ -29,6 +33,7 @@ from backends.engine_process.wire import (
     Failed,
     FrameError,
     Generate,
+    Log,
     Ready,
     Shutdown,
     StartFailed,
@@ -40,6 +45,53 @@ from backends.engine_process.wire import (
 from backends.factory import ENGINE_PROCESS_BY_DEFAULT, BackendKind, create_backend
 
 logger = logging.getLogger("backends.engine_process")
+
+
+class ForwardingHandler(logging.Handler):
+    """Sends each log record to the gateway as a `Log` frame, so the engine's lines come out in
+    the gateway's own format; to ``fallback`` (stderr) before the connection is made and after
+    it is gone. Records from other threads (an engine's generator thread, llama.cpp's log
+    callback) are written from the event loop's thread."""
+
+    def __init__(self, fallback: logging.Handler) -> None:
+        super().__init__()
+        self._fallback = fallback
+        self._writer: asyncio.StreamWriter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
+        self._plain = logging.Formatter()
+
+    def attach(self, writer: asyncio.StreamWriter) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._writer = writer
+
+    def detach(self) -> None:
+        self._writer = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        writer, loop = self._writer, self._loop
+        if writer is None or loop is None or writer.is_closing():
+            self._fallback.handle(record)
+            return
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + self._plain.formatException(record.exc_info)
+            data = frame(Log(record.levelno, record.name, message[:MAX_LOG_MESSAGE_CHARS]))
+            if threading.get_ident() == self._loop_thread:
+                writer.write(data)
+            else:
+                loop.call_soon_threadsafe(self._write, writer, data)
+        except RuntimeError:  # the loop is closed: the process is ending
+            self._fallback.handle(record)
+        except Exception:
+            self.handleError(record)
+
+    @staticmethod
+    def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
+        if not writer.is_closing():
+            writer.write(data)
 
 
 class _Session:
@@ -86,9 +138,19 @@ class _Session:
             self._jobs.pop(id, None)
 
 
-async def serve(spec: EngineSpec, sock: socket.socket) -> int:
+async def serve(spec: EngineSpec, sock: socket.socket, forwarding: ForwardingHandler | None = None) -> int:
     """Serve the gateway on ``sock`` until it says `Shutdown` or goes away; the exit status."""
     reader, writer = await asyncio.open_unix_connection(sock=sock)
+    if forwarding is not None:
+        forwarding.attach(writer)
+    try:
+        return await _serve(spec, reader, writer)
+    finally:
+        if forwarding is not None:
+            forwarding.detach()
+
+
+async def _serve(spec: EngineSpec, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
     weights_dir = Path(spec.weights_dir) if spec.weights_dir is not None else None
     try:
         backend = create_backend(_kind(spec.kind), spec.config, weights_dir=weights_dir)
@@ -156,14 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         return preflight(decode_spec(args.spec))
     if args.fd is None:
         parser.error("--fd is needed to serve")
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s engine[{os.getpid()}] %(name)s: %(message)s",
-    )
+    fallback = logging.StreamHandler(sys.stderr)
+    fallback.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s engine[{os.getpid()}] %(name)s: %(message)s"))
+    forwarding = ForwardingHandler(fallback)
+    logging.basicConfig(level=args.log_level, handlers=[forwarding])
     spec = decode_spec(args.spec)
     sock = socket.socket(fileno=args.fd)
-    return asyncio.run(serve(spec, sock))
+    return asyncio.run(serve(spec, sock, forwarding))
 
 
 if __name__ == "__main__":

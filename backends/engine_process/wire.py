@@ -79,8 +79,18 @@ class Ended(msgspec.Struct, tag=True, frozen=True):
     id: int
 
 
+class Log(msgspec.Struct, tag=True, frozen=True):
+    """A log record of the engine process, written out by the gateway's own logging."""
+
+    level: int
+    logger: str
+    message: str
+
+
 ToEngine = Generate | Cancel | Shutdown
-FromEngine = Ready | StartFailed | Delta | Failed | Ended
+FromEngine = Ready | StartFailed | Delta | Failed | Ended | Log
+MAX_LOG_MESSAGE_CHARS = 16_384
+"""A longer log message (a traceback, a runaway engine line) is cut to this many characters."""
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine: msgspec.msgpack.Decoder[ToEngine] = msgspec.msgpack.Decoder(ToEngine)

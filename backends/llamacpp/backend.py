@@ -20,6 +20,7 @@ import contextlib
 import importlib.util
 import logging
 import threading
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,10 +162,20 @@ class LlamaCppBackend:
                 raise BackendUnavailable(f"llama.cpp could not load {path}: {exc}") from exc
 
         self._slots = asyncio.Queue()
+        loading = time.monotonic()
         for _ in range(self._config.max_concurrency):
             slot = _Slot(await asyncio.to_thread(load))
             self._all_slots.append(slot)
             self._slots.put_nowait(slot)
+        logger.info(
+            "llama.cpp loaded model %s in %.1f s: %s, n_ctx %d, %d slot(s), %s threads",
+            self._config.name,
+            time.monotonic() - loading,
+            path,
+            self._options.n_ctx,
+            self._config.max_concurrency,
+            self._options.n_threads if self._options.n_threads is not None else "default",
+        )
 
     async def stop(self) -> None:
         # Every slot is held before any model closes: the grammar tokenizer reads one of them.

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import logging.handlers
 import os
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -27,6 +30,8 @@ from backends.base import (
 from backends.config import BackendConfig
 from backends.engine_process import backend as engine_process
 from backends.engine_process.backend import EngineProcessBackend, WeightsPreparingEngineProcess
+from backends.engine_process.server import ForwardingHandler
+from backends.engine_process.wire import Log, read_from_engine
 from backends.factory import BackendKind, create_backend
 from backends.llamacpp.backend import LlamaCppBackend
 from backends.scripted import ScriptedBackend
@@ -228,3 +233,55 @@ async def test_llama_cpp_apart_refuses_a_grammar_with_the_same_error(weights_dir
     async with started(apart, "llamacpp", weights_dir) as backend:
         with pytest.raises(GrammarRejected):
             await collect(backend, impossible)
+
+
+async def test_the_engines_log_records_come_out_through_the_gateways_logging(
+    weights_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)  # the engine is started with the gateway's level
+    config = embedded_config()
+    apart = BackendConfig(
+        config.name, config.path, config.context_length, 1, {**config.options, "engine_process": True}
+    )
+    async with started(apart, "llamacpp", weights_dir) as backend:
+        pid = backend.pid
+    relayed = [record for record in caplog.records if getattr(record, "engine_pid", None) == pid]
+    # The model's load is logged by the engine's backend, before the engine said it was ready.
+    assert any(record.name == "backends.llamacpp.backend" for record in relayed), caplog.text
+    assert all(record.levelno >= logging.INFO for record in relayed)
+
+
+async def test_log_records_go_to_the_gateway_once_connected_from_any_thread_and_to_stderr_otherwise() -> None:
+    fallback = logging.handlers.BufferingHandler(capacity=100)
+    forwarding = ForwardingHandler(fallback)
+    log = logging.getLogger("tests.engine_process.forwarding")
+    log.propagate = False
+    log.addHandler(forwarding)
+    try:
+        log.warning("before the connection")
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            _, writer = await asyncio.open_unix_connection(sock=ours.dup())
+            reader, _ = await asyncio.open_unix_connection(sock=theirs.dup())
+            forwarding.attach(writer)
+            log.error("from the loop: %d", 1)
+            await asyncio.to_thread(log.warning, "from a thread")
+            try:
+                raise ValueError("boom")
+            except ValueError:
+                log.exception("with its traceback")
+            forwarding.detach()
+            log.warning("after the connection")
+            received = [await read_from_engine(reader) for _ in range(3)]
+            writer.close()
+    finally:
+        log.removeHandler(forwarding)
+    assert [record.getMessage() for record in fallback.buffer] == ["before the connection", "after the connection"]
+    assert [(m.level, m.logger, m.message.splitlines()[0]) for m in received if isinstance(m, Log)] == [
+        (logging.ERROR, "tests.engine_process.forwarding", "from the loop: 1"),
+        (logging.WARNING, "tests.engine_process.forwarding", "from a thread"),
+        (logging.ERROR, "tests.engine_process.forwarding", "with its traceback"),
+    ]
+    last = received[-1]
+    assert isinstance(last, Log)
+    assert "ValueError: boom" in last.message
