@@ -267,7 +267,7 @@ class Http1Client:
         self._closed = False
 
     async def request(
-        self, method: str, target: Target, head: bytes, body: bytes = b"", *, read_timeout_s: float | None = None
+        self, target: Target, head: bytes, body: bytes = b"", *, read_timeout_s: float | None = None
     ) -> Response:
         """Send ``head`` (from ``Target.head``) and ``body``; return once the response's headers
         have arrived. Raises ``ConnectFailed``, ``Http1Error`` or ``TimeoutError``."""
@@ -288,7 +288,7 @@ class Http1Client:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if not connection.closed and now - connection.idle_since < self._keepalive:
+            if self._reusable(connection, now):
                 return connection
             connection.close()
         loop = asyncio.get_running_loop()
@@ -319,9 +319,13 @@ class Http1Client:
         connection.idle_since = now
         idle = self._idle.setdefault(origin, [])
         # Taken newest first; the oldest, at the front, are closed here once their time is up.
-        while idle and (idle[0].closed or now - idle[0].idle_since >= self._keepalive):
+        while idle and not self._reusable(idle[0], now):
             idle.pop(0).close()
         idle.append(connection)
+
+    def _reusable(self, connection: _Connection, now: float) -> bool:
+        """Still open, and idle for less than the keep-alive time."""
+        return not connection.closed and now - connection.idle_since < self._keepalive
 
     def close(self) -> None:
         self._closed = True

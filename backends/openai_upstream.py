@@ -248,7 +248,7 @@ class OpenAIUpstreamBackend:
             async with asyncio.timeout(limit):
                 target, head = self._completions[replica.url]
                 response = await stack.enter_async_context(
-                    await client.request("POST", target, head, body, read_timeout_s=self._options.timeout_s)
+                    await client.request(target, head, body, read_timeout_s=self._options.timeout_s)
                 )
                 if response.status != 200:
                     detail = f"answered {response.status}: " + (await response.read(500)).decode(errors="replace")
@@ -281,7 +281,7 @@ class OpenAIUpstreamBackend:
         target, head = self._models[replica.url]
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S):
-                async with await client.request("GET", target, head) as response:
+                async with await client.request(target, head) as response:
                     await response.read(MAX_PROBE_BODY_BYTES)
                     answering = response.status < 500 and response.status != 429
         except (Http1Error, TimeoutError):

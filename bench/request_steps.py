@@ -217,7 +217,7 @@ async def run(rounds: int, calls: int) -> list[tuple[str, float, float]]:
         upstream_body = msgspec.json.encode(request_body("fake-upstream", GenerationRequest("r", prompt_ids, SAMPLING)))
 
         async def bare_request() -> None:
-            async with await client.request("POST", target, head, upstream_body) as answer:
+            async with await client.request(target, head, upstream_body) as answer:
                 await answer.read()
 
         await step("the upstream request alone (backends.http1)", bare_request)

@@ -31,6 +31,9 @@ MAX_FRAME_BYTES = 64 * 1024 * 1024
 PREFLIGHT_REFUSED = 3
 """The exit status of an engine's preflight that refused to start, its reason on stdout."""
 
+MAX_LOG_MESSAGE_CHARS = 16_384
+"""A longer log message (a traceback, a runaway engine line) is cut to this many characters."""
+
 _LENGTH = struct.Struct(">I")
 
 
@@ -89,8 +92,6 @@ class Log(msgspec.Struct, tag=True, frozen=True):
 
 ToEngine = Generate | Cancel | Shutdown
 FromEngine = Ready | StartFailed | Delta | Failed | Ended | Log
-MAX_LOG_MESSAGE_CHARS = 16_384
-"""A longer log message (a traceback, a runaway engine line) is cut to this many characters."""
 
 _encoder = msgspec.msgpack.Encoder()
 _to_engine: msgspec.msgpack.Decoder[ToEngine] = msgspec.msgpack.Decoder(ToEngine)

@@ -36,7 +36,7 @@ def client(**changes: float) -> Http1Client:
 
 async def fetch(http: Http1Client, url: str, body: bytes = b"{}", **options: float) -> tuple[int, bytes]:
     target = Target.parse(url)
-    async with await http.request("POST", target, target.head("POST", HEAD), body, **options) as response:
+    async with await http.request(target, target.head("POST", HEAD), body, **options) as response:
         return response.status, await response.read()
 
 
@@ -135,7 +135,7 @@ async def test_a_response_given_up_early_closes_its_connection() -> None:
     async for address in serving(worker):
         http = client()
         target = Target.parse(f"http://{address}/v1")
-        async with await http.request("POST", target, target.head("POST", HEAD), b"{}") as response:
+        async with await http.request(target, target.head("POST", HEAD), b"{}") as response:
             assert await response.readany()
         assert await fetch(http, f"http://{address}/v1") == (200, _dechunk(GOOD))
         http.close()
@@ -175,7 +175,7 @@ async def test_a_worker_that_stops_sending_times_out_between_reads() -> None:
     async for address in serving(silent):
         http = client()
         target = Target.parse(f"http://{address}/v1")
-        response = await http.request("POST", target, target.head("POST", HEAD), read_timeout_s=0.2)
+        response = await http.request(target, target.head("POST", HEAD), read_timeout_s=0.2)
         assert await response.readany() == b"first"
         with pytest.raises(TimeoutError):
             await response.readany()
@@ -200,7 +200,7 @@ async def test_a_large_body_read_slowly_pauses_the_socket_and_arrives_whole(monk
         http = client()
         target = Target.parse(f"http://{address}/v1")
         received = b""
-        async with await http.request("POST", target, target.head("POST", HEAD)) as response:
+        async with await http.request(target, target.head("POST", HEAD)) as response:
             while piece := await response.readany():
                 assert len(piece) <= 64 * 1024 + 256 * 1024  # what was buffered before the pause took hold
                 received += piece
