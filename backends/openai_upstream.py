@@ -240,7 +240,7 @@ class OpenAIUpstreamBackend:
 
     async def _first_delta(
         self, client: Http1Client, stack: contextlib.AsyncExitStack, replica: Replica, body: bytes
-    ) -> tuple[AsyncIterator[TokenDelta], TokenDelta]:
+    ) -> tuple[AsyncGenerator[TokenDelta], TokenDelta]:
         """The replica's stream and its first delta, or ``_Skip``; a 4xx of the request's own raises."""
         limit = self._options.first_token_timeout_s
         refused: str | None = None
@@ -259,6 +259,10 @@ class OpenAIUpstreamBackend:
                     refused = detail
                 else:
                     deltas = _deltas(response)
+                    # Closed here rather than left to the garbage collector: a generation ends on
+                    # its finish delta without asking for more, and an async generator dropped
+                    # unfinished costs the event loop a task of its own (its finalizer's aclose).
+                    stack.push_async_callback(deltas.aclose)
                     return deltas, await anext(deltas)
         except ConnectFailed as exc:
             raise _Skip("connect_error", _describe(exc)) from exc
@@ -311,7 +315,7 @@ async def _sse_batches(content: Response) -> AsyncIterator[list[bytes]]:
         yield [pending[5:].strip()]
 
 
-async def _deltas(content: Response) -> AsyncIterator[TokenDelta]:
+async def _deltas(content: Response) -> AsyncGenerator[TokenDelta]:
     """One delta for the tokens of each read: events that arrived together go on together, so a
     fast worker's tokens cost the layers above one step per read, not one per token."""
     counted = 0

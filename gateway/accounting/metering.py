@@ -85,14 +85,17 @@ class FinishOnce(abc.ABC):
     """A ticket whose first ``finish`` does the work; later or concurrent calls wait for it.
 
     The work runs in a task of its own: a request cancelled while its usage is being recorded
-    (a client that went away) does not cut the recording short.
+    (a client that went away) does not cut the recording short. The task starts eagerly, in the
+    caller's turn of the event loop: work that does not wait (a row committed at once) is done
+    when ``finishing`` returns, and work that waits has already been handed on.
     """
 
     _finishing: asyncio.Future[None] | None = None
 
     def finishing(self, generation: Generation, status: UsageStatus) -> asyncio.Future[None]:
         if self._finishing is None:
-            self._finishing = asyncio.ensure_future(self._finish_once(generation, status))
+            loop = asyncio.get_running_loop()  # named: with none, 3.12.1 fails to start it eagerly
+            self._finishing = asyncio.Task(self._finish_once(generation, status), loop=loop, eager_start=True)
         return self._finishing
 
     async def finish(self, generation: Generation, status: UsageStatus) -> None:

@@ -148,9 +148,13 @@ class ObservedTicket:
 
     def finishing(self, generation: Generation, status: UsageStatus) -> asyncio.Future[None]:
         if self._finishing is None:
-            self._finishing = self._inner.finishing(generation, status)
-            # Registered before any caller waits: the outcome is known before a waiter resumes.
-            self._finishing.add_done_callback(functools.partial(self._observe, generation, status))
+            finishing = self._inner.finishing(generation, status)
+            self._finishing = finishing
+            if finishing.done():
+                self._observe(generation, status, finishing)  # finished at once (eagerly started)
+            else:
+                # Registered before any caller waits: the outcome is known before a waiter resumes.
+                finishing.add_done_callback(functools.partial(self._observe, generation, status))
         return self._finishing
 
     async def finish(self, generation: Generation, status: UsageStatus) -> None:

@@ -70,6 +70,9 @@ class Observability:
         """To follow the app's own lifespan, which opens accounting and sets the metering."""
         metering = ObservedMetering(self._state.metering, self.metrics, log_content=self._log_content)
         self._state.metering = metering
+        with contextlib.suppress(RuntimeError):  # a gateway without accounting records no usage
+            # A request's row may be committed on the loop while it is the only one served.
+            self._state.accounting.usage.commit_here_while(lambda: self.drain.in_flight <= 1)
         for runtime in self._state.models:
             if isinstance(runtime.backend, HasReplicas):
                 runtime.backend.observe_replicas(ReplicaMetrics(self.metrics, runtime.name))

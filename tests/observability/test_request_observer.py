@@ -41,6 +41,20 @@ class HeldTicket(FinishOnce):
         await self.release
 
 
+class ImmediateTicket(FinishOnce):
+    """A finish with nothing to wait for, as a usage row committed at once."""
+
+    def __init__(self) -> None:
+        self.finishes = 0
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    async def _finish_once(self, generation: Generation, status: UsageStatus) -> None:
+        self.finishes += 1
+
+
 async def finished_generation() -> Generation:
     config = ModelConfig(name=MODEL, backend="scripted", template="llama-2", tokenizer=str(LLAMA2_TOKENIZER_MODEL))
     runtime = ModelRuntime(config, ScriptedBackend(reply="one two three"), load_tokenizer(config), None)
@@ -50,7 +64,7 @@ async def finished_generation() -> Generation:
     return generation
 
 
-def observed(inner: HeldTicket, metrics: GatewayMetrics, settled: list[bool]) -> ObservedTicket:
+def observed(inner: FinishOnce, metrics: GatewayMetrics, settled: list[bool]) -> ObservedTicket:
     key = key_info()
     pricing = Pricing(input_per_million=Decimal("1000"), output_per_million=Decimal("10000"))
     admission = AdmissionRequest(key, MODEL, pricing, len(PROMPT_IDS), 16, "req_observed", "/v1/completions", None)
@@ -130,3 +144,22 @@ async def test_a_usage_row_that_could_not_be_recorded_is_observed_as_such() -> N
     assert not outcome.usage_recorded
     assert outcome.log_fields()["usage_recorded"] is False
     assert settled == [True]
+
+
+async def test_a_finish_with_nothing_to_wait_for_is_done_and_observed_when_finishing_returns() -> None:
+    inner, metrics, settled = ImmediateTicket(), GatewayMetrics(), []
+    ticket = observed(inner, metrics, settled)
+    generation = await finished_generation()
+
+    finishing = ticket.finishing(generation, "completed")
+    # Started in the caller's turn of the loop: no task switch before the outcome is known.
+    assert finishing.done()
+    outcome = ticket.outcome
+    assert outcome is not None
+    assert outcome.usage_recorded
+    assert settled == [True]
+
+    await ticket.finish(generation, "failed")  # a later call changes nothing
+    assert inner.finishes == 1
+    assert ticket.outcome is outcome
+    assert (generations_counted(metrics, "completed"), generations_counted(metrics, "failed")) == (1, 0)

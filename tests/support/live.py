@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 import uvicorn
+from litestar import Litestar
 
 from backends.base import Backend
 from gateway.api.app import create_app
@@ -24,6 +25,8 @@ class LiveGateway:
     """``http://127.0.0.1:PORT`` (the OpenAI SDK wants ``base_url + "/v1"``)."""
     admin_key: str
     settings: Settings
+    app: Litestar
+    """The app being served, for a test to look at its state (it runs in the server's thread)."""
 
     @property
     def openai_base_url(self) -> str:
@@ -70,7 +73,7 @@ def running_gateway(
         time.sleep(0.02)
     httpx.get(base_url + "/health", timeout=5).raise_for_status()
     try:
-        yield LiveGateway(base_url, admin_key, settings)
+        yield LiveGateway(base_url, admin_key, settings, app)
     finally:
         server.should_exit = True
         thread.join(timeout=60)

@@ -5,6 +5,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
@@ -14,7 +15,7 @@ from gateway.accounting.keys import KeyStore, NewKey
 from gateway.accounting.usage import RecorderClosed, UsageEntry, UsageNotRecorded, UsageRecorder
 from gateway.accounting.usage import recorder as recorder_module
 from gateway.accounting.usage.rows import RowWriter, insert_entries
-from gateway.db import make_engine, make_sessionmaker
+from gateway.db import make_engine, make_sessionmaker, upgrade_database
 from gateway.db.tables import UsageRecord
 from tests.support.accounting_records import usage_entry as make_entry
 
@@ -278,3 +279,118 @@ def test_entries_are_checked_where_they_are_made() -> None:
         make_entry("k", completion_tokens=-1)
     with pytest.raises(ValueError, match="timezone"):
         make_entry("k", started_at=datetime(2025, 1, 1))
+
+
+async def test_a_lone_row_is_committed_by_record_itself_while_nothing_else_is_served(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer_batches = watch_inserts(monkeypatch)
+    recorder = UsageRecorder(db_sessionmaker)
+    recorder.commit_here_while(lambda: True)
+    recorder.start()
+    entry = make_entry(key_id)
+    try:
+        await recorder.record(entry)
+        # Committed when record returned, whichever thread did it.
+        assert await count_rows(observer, [entry.request_id]) == 1
+    finally:
+        await recorder.aclose()
+    sqlite = db_sessionmaker.kw["bind"].dialect.name == "sqlite"
+    # SQLite commits on the caller's thread; PostgreSQL's driver is asynchronous and keeps its path.
+    assert (recorder.committed_here, writer_batches) == ((1, []) if sqlite else (0, [1]))
+    assert (recorder.committed, recorder.batches) == (1, 1)
+
+
+async def test_rows_go_through_the_writer_while_other_requests_are_served(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writer_batches = watch_inserts(monkeypatch)
+    others = 1
+    recorder = UsageRecorder(db_sessionmaker)
+    recorder.commit_here_while(lambda: others == 0)
+    recorder.start()
+    busy, quiet = make_entry(key_id), make_entry(key_id)
+    try:
+        await recorder.record(busy)
+        others = 0
+        await recorder.record(quiet)
+    finally:
+        await recorder.aclose()
+    assert await count_rows(observer, [busy.request_id, quiet.request_id]) == 2
+    sqlite = db_sessionmaker.kw["bind"].dialect.name == "sqlite"
+    assert (recorder.committed_here, writer_batches) == ((1, [1]) if sqlite else (0, [1, 1]))
+
+
+async def test_a_lone_row_meeting_a_locked_database_waits_in_the_writer_not_on_the_loop(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker)
+    recorder.commit_here_while(lambda: True)
+    recorder.start()
+    entry = make_entry(key_id)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        async with write_lock_held(observer):
+            task = asyncio.create_task(recorder.record(entry))
+            await asyncio.sleep(0.3)
+            # The loop kept turning while the row waited for the lock, queued for the writer.
+            assert not task.done()
+            assert recorder.backlog == 1
+            assert ticks >= 10
+        await asyncio.wait_for(task, 10)
+    finally:
+        ticker.cancel()
+        await recorder.aclose()
+    assert await count_rows(observer, [entry.request_id]) == 1
+    assert (recorder.committed, recorder.committed_here) == (1, 0)
+
+
+async def test_a_slow_commit_on_the_loop_sends_rows_to_the_writer_for_a_while(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'usage.db'}"  # only SQLite's rows commit on the loop
+    await upgrade_database(url)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    key, _ = await KeyStore(sessions).create(NewKey(name="usage"))
+    monkeypatch.setattr(recorder_module, "SLOW_COMMIT_HERE_S", 0.0)  # every commit is too slow
+    writer_batches = watch_inserts(monkeypatch)
+    recorder = UsageRecorder(sessions)
+    recorder.commit_here_while(lambda: True)
+    recorder.start()
+    entries = [make_entry(key.id) for _ in range(3)]
+    try:
+        for entry in entries:
+            await recorder.record(entry)
+        assert await count_rows(sessions, [e.request_id for e in entries]) == 3
+    finally:
+        await recorder.aclose()
+        await engine.dispose()
+    assert (recorder.committed_here, writer_batches) == (1, [1, 1])
+    assert "rows go through the writer thread for 60 s" in caplog.text
+
+
+async def test_a_lone_row_the_database_refuses_is_reported_as_any_other(
+    db_sessionmaker: Sessions, key_id: str, observer: Sessions
+) -> None:
+    recorder = UsageRecorder(db_sessionmaker, retry_delays_s=FAST_RETRIES)
+    recorder.commit_here_while(lambda: True)
+    recorder.start()
+    bad = make_entry("no-such-key")
+    good = make_entry(key_id)
+    try:
+        with pytest.raises(UsageNotRecorded):
+            await recorder.record(bad)
+        await recorder.record(good)  # the loop's connection was replaced and serves again
+    finally:
+        await recorder.aclose()
+    assert (recorder.rejected, recorder.committed) == (1, 1)
+    assert await count_rows(observer) == 1
