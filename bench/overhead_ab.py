@@ -10,7 +10,10 @@ Each round runs wrk at c=1 against the upstream direct and both gateways (the p5
 the gateway's CPU time per request), then at c=16 against both gateways (requests/s); rounds
 alternate the order. It prints each side's medians and the paired differences, round by round.
 
-    python -m bench.overhead_ab --before /tmp/before [--rounds 5] [--seconds 4] [--busy 16]
+    python -m bench.overhead_ab --before /tmp/before [--rounds 5] [--seconds 4] [--busy 16] [--postgres]
+
+With ``--postgres`` both gateways record usage in PostgreSQL (a scratch database each) instead of
+SQLite.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.overhead import BODY, Target, _gateway, _models, _sqlite_url, upstream
+from bench.faults.harness import ScratchDatabases
+from bench.overhead import BODY, POSTGRES_URL, Target, _gateway, _models, _sqlite_url, upstream
 from bench.wrk import run_wrk
+from gateway.db import upgrade_database
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -82,14 +87,29 @@ async def _round(
             into.cpu[target.name].append(1e6 * (_cpu_seconds(target.pid) - start) / max(1, result.ok))
 
 
-async def measure(before: Path, rounds: int, seconds: float, busy_connections: int) -> None:
+async def _database_urls(stack: AsyncExitStack, postgres: bool) -> tuple[str, str]:
+    """One database per gateway: SQLite files, or scratch PostgreSQL databases migrated to head."""
+    if not postgres:
+        return _sqlite_url(stack), _sqlite_url(stack)
+    databases = ScratchDatabases(POSTGRES_URL)
+    stack.push_async_callback(databases.drop_all)
+    urls = []
+    for name in ("bench_ab_before", "bench_ab_after"):
+        url = databases.url(await databases.create(name))
+        await upgrade_database(url)
+        urls.append(url)
+    return urls[0], urls[1]
+
+
+async def measure(before: Path, rounds: int, seconds: float, busy_connections: int, postgres: bool) -> None:
     async with AsyncExitStack() as stack:
         instant = await stack.enter_async_context(upstream(0))
         paced = await stack.enter_async_context(upstream(0))
         models = _models(instant, paced)
+        old_url, new_url = await _database_urls(stack, postgres)
         with _python_path(before):
-            old = await _gateway(stack, "before", _sqlite_url(stack), models)
-        new = await _gateway(stack, "after", _sqlite_url(stack), models)
+            old = await _gateway(stack, "before", old_url, models)
+        new = await _gateway(stack, "after", new_url, models)
         direct = Target("direct", instant)
         for stream in (False, True):
             body = {**BODY, "stream": stream}
@@ -126,8 +146,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--busy", type=int, default=16, help="connections of the throughput runs")
+    parser.add_argument("--postgres", action="store_true", help="usage in PostgreSQL instead of SQLite")
     args = parser.parse_args()
-    asyncio.run(measure(args.before.resolve(), args.rounds, args.seconds, args.busy))
+    asyncio.run(measure(args.before.resolve(), args.rounds, args.seconds, args.busy, args.postgres))
 
 
 if __name__ == "__main__":

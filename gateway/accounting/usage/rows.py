@@ -9,9 +9,11 @@ Writers run it where it costs least, since it sits on every request's path:
   through SQLAlchemy, and SQLAlchemy's own work was two thirds of what remained). A lone row may
   also be committed on the caller's thread (``insert_here``), when the caller knows that nothing
   else waits for the event loop meanwhile;
-- ``HeldConnectionWriter`` (PostgreSQL): on one connection held open in autocommit mode, so a
-  batch is one round trip (a connection from the pool first pings the server and is rolled back
-  when returned: two more).
+- ``AsyncpgRowWriter`` (PostgreSQL): the same statement, written out, through asyncpg itself on
+  one connection held open in autocommit mode, so a batch is one round trip (a connection from
+  the pool first pings the server and is rolled back when returned: two more);
+- ``HeldConnectionWriter`` (any other database SQLAlchemy drives): ``insert_rows`` on one
+  connection held open in the same way.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from collections.abc import Sequence
-from typing import Protocol, cast
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, cast
 
-from sqlalchemy import Connection, Table, select
+import asyncpg
+from sqlalchemy import Connection, Dialect, Table, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -85,6 +88,74 @@ class RowWriter(Protocol):
     async def aclose(self) -> None: ...
 
 
+class _RowShape:
+    """The usage table as a writer that bypasses SQLAlchemy binds it on one dialect: the columns,
+    each value converted as SQLAlchemy would (the type's own conversion, then the driver's), and
+    the statements written out once per batch size, with the driver's placeholders."""
+
+    def __init__(self, dialect: Dialect, placeholder: Callable[[int], str]) -> None:
+        self.columns = [
+            (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
+            for column in _table.c
+            if column.name != "id"
+        ]
+        self._identity = [index for index, (name, _) in enumerate(self.columns) if name in _IDENTITY]
+        self._placeholder = placeholder
+        self._inserts: dict[int, str] = {}
+
+    def values(self, entries: Sequence[UsageEntry]) -> list[list[object]]:
+        try:
+            return [self._row(entry) for entry in entries]
+        except ValueError as exc:  # a value its column cannot hold exactly (money with 11 decimals)
+            raise DataError("converting usage values", None, exc) from exc
+
+    def _row(self, entry: UsageEntry) -> list[object]:
+        row = entry.row()
+        return [row[name] if process is None else process(row[name]) for name, process in self.columns]
+
+    def insert(self, rows: int) -> str:
+        """``INSERT ... ON CONFLICT (request_id) DO NOTHING RETURNING request_id`` for ``rows`` rows."""
+        statement = self._inserts.get(rows)
+        if statement is None:
+            names = ", ".join(f'"{name}"' for name, _ in self.columns)
+            width = len(self.columns)
+            values = ", ".join(
+                "(" + ", ".join(self._placeholder(row * width + column) for column in range(width)) + ")"
+                for row in range(rows)
+            )
+            statement = (
+                f"INSERT INTO {_table.name} ({names}) VALUES {values} "
+                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+            )
+            self._inserts[rows] = statement
+        return statement
+
+    def already(
+        self, entries: Sequence[UsageEntry], values: list[list[object]], inserted: set[str]
+    ) -> dict[str, list[object]]:
+        """The identity values of the rows that were not inserted, by request id."""
+        return {
+            entry.request_id: [row[i] for i in self._identity]
+            for entry, row in zip(entries, values, strict=True)
+            if entry.request_id not in inserted
+        }
+
+    def select_stored(self, count: int) -> str:
+        """The stored identity of ``count`` request ids."""
+        names = ", ".join(f'"{self.columns[i][0]}"' for i in self._identity)
+        ids = ", ".join(self._placeholder(index) for index in range(count))
+        return f"SELECT request_id, {names} FROM {_table.name} WHERE request_id IN ({ids})"
+
+
+def _refusals(already: dict[str, list[object]], stored: Sequence[Sequence[Any]]) -> dict[str, str]:
+    """Rows already there that another request made (a retry meets its own rows, which match)."""
+    return {
+        request_id: f"request id {request_id!r} already has a different usage row"
+        for request_id, *values_stored in stored
+        if list(values_stored) != already[request_id]
+    }
+
+
 class SqliteRowWriter:
     """The insert on one SQLite connection of the standard library's driver, owned by one thread.
 
@@ -98,15 +169,7 @@ class SqliteRowWriter:
         # A writer that waits out another's lock longer than a try may last would hold back every
         # batch after it (a thread cannot be cancelled): it gives up in time instead.
         self._lock_wait_s = lock_wait_s
-        dialect = engine.dialect
-        # What SQLAlchemy applies on this dialect: the type's own conversion, then the driver's.
-        self._columns = [
-            (column.name, column.type.dialect_impl(dialect).bind_processor(dialect))
-            for column in _table.c
-            if column.name != "id"
-        ]
-        self._identity = [index for index, (name, _) in enumerate(self._columns) if name in _IDENTITY]
-        self._statements: dict[int, str] = {}
+        self._shape = _RowShape(engine.dialect, lambda _: "?")
         self._connection: sqlite3.Connection | None = None
         """The writer thread's."""
         self._here: sqlite3.Connection | None = None
@@ -134,22 +197,6 @@ class SqliteRowWriter:
                 _hand_back(loop, done, refused, None)
         self._close()
 
-    def _values(self, entry: UsageEntry) -> list[object]:
-        row = entry.row()
-        return [row[name] if process is None else process(row[name]) for name, process in self._columns]
-
-    def _statement(self, rows: int) -> str:
-        statement = self._statements.get(rows)
-        if statement is None:
-            names = ", ".join(f'"{name}"' for name, _ in self._columns)
-            values = ", ".join(["(" + ", ".join("?" * len(self._columns)) + ")"] * rows)
-            statement = (
-                f"INSERT INTO {_table.name} ({names}) VALUES {values} "
-                "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-            )
-            self._statements[rows] = statement
-        return statement
-
     def insert_here(self, entries: Sequence[UsageEntry]) -> bool:
         """The insert and its fsync on the calling thread, on a connection of that thread's own
         that does not wait for another writer's lock (it gives up after 1 ms instead)."""
@@ -167,25 +214,15 @@ class SqliteRowWriter:
         return not refused
 
     def _insert(self, connection: sqlite3.Connection, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        shape = self._shape
+        values = shape.values(entries)
         try:
-            values = [self._values(entry) for entry in entries]
-        except ValueError as exc:  # a value its column cannot hold exactly (money with 11 decimals)
-            raise DataError("converting usage values", None, exc) from exc
-        try:
-            statement = self._statement(len(entries))
-            inserted = {row[0] for row in connection.execute(statement, [v for row in values for v in row])}
-            already = {
-                entry.request_id: [row[i] for i in self._identity]
-                for entry, row in zip(entries, values, strict=True)
-                if entry.request_id not in inserted
-            }
+            flat = [value for row in values for value in row]
+            inserted = {row[0] for row in connection.execute(shape.insert(len(entries)), flat)}
+            already = shape.already(entries, values, inserted)
             if not already:
                 return {}
-            names = ", ".join(f'"{self._columns[i][0]}"' for i in self._identity)
-            stored = connection.execute(
-                f"SELECT request_id, {names} FROM {_table.name} WHERE request_id IN ({', '.join('?' * len(already))})",
-                list(already),
-            )
+            stored = connection.execute(shape.select_stored(len(already)), list(already)).fetchall()
         except sqlite3.IntegrityError as exc:
             raise IntegrityError("inserting usage rows", None, exc) from exc
         except sqlite3.Error:
@@ -193,11 +230,7 @@ class SqliteRowWriter:
             if connection is self._connection:
                 self._close()
             raise
-        return {
-            request_id: f"request id {request_id!r} already has a different usage row"
-            for request_id, *values_stored in stored.fetchall()
-            if values_stored != already[request_id]
-        }
+        return _refusals(already, stored)
 
     def _connect(self) -> sqlite3.Connection:
         if self._connection is None:
@@ -238,6 +271,73 @@ def _hand_back(
 
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
         loop.call_soon_threadsafe(settle)
+
+
+class AsyncpgRowWriter:
+    """The insert on one asyncpg connection held open in autocommit mode (PostgreSQL), written out
+    as for SQLite and sent through the driver itself: through SQLAlchemy's execution machinery a
+    one-row commit cost 0.43 ms of CPU, through the driver 0.16 ms. After any failure the
+    connection is replaced."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._shape = _RowShape(engine.dialect, lambda index: f"${index + 1}")
+        self._held: AsyncConnection | None = None
+        """SQLAlchemy's hold on the connection (it came from the engine's pool, with its settings)."""
+        self._driver: asyncpg.Connection | None = None
+        # The recorder's writer and its spool replayer may insert at the same time.
+        self._lock = asyncio.Lock()
+
+    async def insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        async with self._lock:
+            return await self._insert(entries)
+
+    def insert_here(self, entries: Sequence[UsageEntry]) -> bool:
+        return False  # the driver is asynchronous already: no thread to skip
+
+    async def _insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
+        shape = self._shape
+        values = shape.values(entries)
+        driver = await self._connect()
+        try:
+            flat = [value for row in values for value in row]
+            inserted = {row[0] for row in await driver.fetch(shape.insert(len(entries)), *flat)}
+            already = shape.already(entries, values, inserted)
+            if not already:
+                return {}
+            stored = await driver.fetch(shape.select_stored(len(already)), *already)
+        except BaseException as exc:
+            # Broken, timed out mid-statement or refused: a fresh connection is the safe next try.
+            await self._release()
+            if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+                raise IntegrityError("inserting usage rows", None, exc) from exc
+            if isinstance(exc, asyncpg.DataError):
+                raise DataError("inserting usage rows", None, exc) from exc
+            raise
+        return _refusals(already, [tuple(row) for row in stored])
+
+    async def _connect(self) -> asyncpg.Connection:
+        if self._driver is None:
+            held = await self._engine.connect()
+            try:
+                await held.execution_options(isolation_level="AUTOCOMMIT")
+                raw = await held.get_raw_connection()
+            except BaseException:
+                await _discard(held)
+                raise
+            self._held, self._driver = held, raw.driver_connection
+        return self._driver
+
+    async def _release(self) -> None:
+        held, self._held, self._driver = self._held, None, None
+        if held is not None:
+            await _discard(held)
+
+    async def aclose(self) -> None:
+        held, self._held, self._driver = self._held, None, None
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held.close()
 
 
 class HeldConnectionWriter:
@@ -291,4 +391,6 @@ async def _discard(connection: AsyncConnection) -> None:
 def row_writer(engine: AsyncEngine, *, lock_wait_s: float) -> RowWriter:
     if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):
         return SqliteRowWriter(engine, lock_wait_s=lock_wait_s)
+    if engine.dialect.driver == "asyncpg":
+        return AsyncpgRowWriter(engine)
     return HeldConnectionWriter(engine)

@@ -18,6 +18,7 @@ from gateway.accounting.usage.rows import RowWriter, insert_entries
 from gateway.db import make_engine, make_sessionmaker, upgrade_database
 from gateway.db.tables import UsageRecord
 from tests.support.accounting_records import usage_entry as make_entry
+from tests.support.databases import PostgresServer
 
 Sessions = async_sessionmaker[AsyncSession]
 FAST_RETRIES = (0.01, 0.01)
@@ -394,3 +395,31 @@ async def test_a_lone_row_the_database_refuses_is_reported_as_any_other(
         await recorder.aclose()
     assert (recorder.rejected, recorder.committed) == (1, 1)
     assert await count_rows(observer) == 1
+
+
+@pytest.mark.postgres
+async def test_a_value_postgresql_cannot_store_fails_its_row_alone_and_the_writer_carries_on(
+    postgres_server: PostgresServer,
+) -> None:
+    url = await postgres_server.create(migrated=True)
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    try:
+        key, _ = await KeyStore(sessions).create(NewKey(name="usage"))
+        recorder = UsageRecorder(sessions, retry_delays_s=FAST_RETRIES)
+        recorder.start()
+        too_many = make_entry(key.id, prompt_tokens=2**31)  # beyond the INTEGER column
+        good = [make_entry(key.id) for _ in range(3)]
+        try:
+            results = await asyncio.gather(*(recorder.record(e) for e in [too_many, *good]), return_exceptions=True)
+            later = make_entry(key.id)
+            await recorder.record(later)  # on a fresh connection after the refusal
+        finally:
+            await recorder.aclose()
+        assert isinstance(results[0], UsageNotRecorded)
+        assert results[1:] == [None] * 3
+        assert (recorder.rejected, recorder.committed) == (1, 4)
+        assert await count_rows(sessions) == 4
+    finally:
+        await engine.dispose()
+        await postgres_server.drop(url)
