@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -35,6 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from gateway.accounting.usage.entry import UsageEntry
 from gateway.db.engine import configure_sqlite
 from gateway.db.tables import UsageRecord
+
+logger = logging.getLogger(__name__)
 
 _table = cast(Table, UsageRecord.__table__)
 # Columns that tell "this row is ours, from an earlier try" from "another request took this id".
@@ -174,6 +177,8 @@ class SqliteRowWriter:
         """The writer thread's."""
         self._here: sqlite3.Connection | None = None
         """The event loop thread's, for ``insert_here``."""
+        self._committed_here = 0
+        """Rows committed on ``_here`` since the writer thread last checkpointed for them."""
         # A thread of its own fed by a queue: cheaper per batch than an executor's futures, and
         # a daemon, as a transaction cut short by the process's end is rolled back whole.
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
@@ -188,6 +193,9 @@ class SqliteRowWriter:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
+            if isinstance(job, str):  # _CHECKPOINT
+                self._checkpoint()
+                continue
             loop, done, entries = job
             try:
                 refused = self._insert(self._connect(), entries)
@@ -197,12 +205,30 @@ class SqliteRowWriter:
                 _hand_back(loop, done, refused, None)
         self._close()
 
+    def _checkpoint(self) -> None:
+        try:
+            self._connect().execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as exc:
+            logger.debug("usage database checkpoint not done: %s", exc)
+
     def insert_here(self, entries: Sequence[UsageEntry]) -> bool:
         """The insert and its fsync on the calling thread, on a connection of that thread's own
-        that does not wait for another writer's lock (it gives up after 1 ms instead)."""
+        that does not wait for another writer's lock (it gives up after 1 ms instead).
+
+        That connection never checkpoints the write-ahead log itself (copying it into the
+        database file and syncing that takes milliseconds). Every ``CHECKPOINT_EVERY`` rows, as
+        SQLite would after about as many pages, the row is declined instead, and goes to the
+        writer thread behind a checkpoint: with nothing else being written meanwhile the
+        checkpoint completes, and the log starts again from its beginning.
+        """
+        if self._committed_here >= CHECKPOINT_EVERY:
+            self._committed_here = 0
+            self._jobs.put(_CHECKPOINT)
+            return False
         if self._here is None:
             connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
             configure_sqlite(connection, busy_timeout_s=0)
+            connection.execute("PRAGMA wal_autocheckpoint=0")
             self._here = connection
         try:
             refused = self._insert(self._here, entries)
@@ -211,6 +237,7 @@ class SqliteRowWriter:
             here, self._here = self._here, None
             here.close()
             return False
+        self._committed_here += len(entries)
         return not refused
 
     def _insert(self, connection: sqlite3.Connection, entries: Sequence[UsageEntry]) -> dict[str, str]:
@@ -252,7 +279,11 @@ class SqliteRowWriter:
             here.close()
 
 
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[dict[str, str]]", Sequence[UsageEntry]]
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[dict[str, str]]", Sequence[UsageEntry]] | str
+_CHECKPOINT = "checkpoint"
+CHECKPOINT_EVERY = 250
+"""A usage row adds about four pages to the write-ahead log (the table's and its three indexes'):
+250 rows are about the 1,000 pages after which SQLite checkpoints by default."""
 
 
 def _hand_back(
