@@ -177,7 +177,7 @@ class SqliteRowWriter:
         """The writer thread's."""
         self._here: sqlite3.Connection | None = None
         """The event loop thread's, for ``insert_here``."""
-        self._committed_here = 0
+        self._rows_since_checkpoint = 0
         """Rows committed on ``_here`` since the writer thread last checkpointed for them."""
         # A thread of its own fed by a queue: cheaper per batch than an executor's futures, and
         # a daemon, as a transaction cut short by the process's end is rolled back whole.
@@ -221,24 +221,32 @@ class SqliteRowWriter:
         writer thread behind a checkpoint: with nothing else being written meanwhile the
         checkpoint completes, and the log starts again from its beginning.
         """
-        if self._committed_here >= CHECKPOINT_EVERY:
-            self._committed_here = 0
+        if self._rows_since_checkpoint >= CHECKPOINT_EVERY:
+            self._rows_since_checkpoint = 0
             self._jobs.put(_CHECKPOINT)
             return False
-        if self._here is None:
-            connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
-            configure_sqlite(connection, busy_timeout_s=0)
-            connection.execute("PRAGMA wal_autocheckpoint=0")
-            self._here = connection
         try:
+            if self._here is None:
+                self._here = self._connect_here()
             refused = self._insert(self._here, entries)
         except Exception:
             # Busy, unreadable, or a value refused: the thread's path retries, spools or reports.
             here, self._here = self._here, None
-            here.close()
+            if here is not None:
+                here.close()
             return False
-        self._committed_here += len(entries)
+        self._rows_since_checkpoint += len(entries)
         return not refused
+
+    def _connect_here(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        try:
+            configure_sqlite(connection, busy_timeout_s=0)
+            connection.execute("PRAGMA wal_autocheckpoint=0")
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     def _insert(self, connection: sqlite3.Connection, entries: Sequence[UsageEntry]) -> dict[str, str]:
         shape = self._shape
