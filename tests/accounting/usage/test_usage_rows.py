@@ -57,3 +57,13 @@ async def test_rows_committed_here_are_checkpointed_by_the_writer_thread_not_on_
     assert declined == ROWS // 21  # each 21st row, after 20 committed here
     # The log started again from its beginning after each checkpoint instead of growing.
     assert often < never / 5, (often, never)
+
+
+async def test_a_database_file_that_cannot_be_opened_declines_the_row_instead_of_raising(tmp_path: Path) -> None:
+    engine = make_engine(f"sqlite+aiosqlite:///{tmp_path / 'no-such-directory' / 'usage.db'}")
+    writer = SqliteRowWriter(engine, lock_wait_s=0.1)
+    try:
+        assert writer.insert_here([usage_entry("key")]) is False
+    finally:
+        await writer.aclose()
+        await engine.dispose()
