@@ -18,6 +18,7 @@ Writers run it where it costs least, since it sits on every request's path:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -312,19 +313,11 @@ def _hand_back(
         loop.call_soon_threadsafe(settle)
 
 
-class AsyncpgRowWriter:
-    """The insert on one asyncpg connection held open in autocommit mode (PostgreSQL), written out
-    as for SQLite and sent through the driver itself: through SQLAlchemy's execution machinery a
-    one-row commit cost 0.43 ms of CPU, through the driver 0.16 ms. After any failure the
-    connection is replaced."""
+class _AsyncDriverWriter(abc.ABC):
+    """A writer on an asynchronous driver: nothing to skip on the caller's thread, and one insert
+    at a time (the recorder's writer and its spool replayer may insert at the same time)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._shape = _RowShape(engine.dialect, lambda index: f"${index + 1}")
-        self._held: AsyncConnection | None = None
-        """SQLAlchemy's hold on the connection (it came from the engine's pool, with its settings)."""
-        self._driver: asyncpg.Connection | None = None
-        # The recorder's writer and its spool replayer may insert at the same time.
+    def __init__(self) -> None:
         self._lock = asyncio.Lock()
 
     async def insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
@@ -332,7 +325,36 @@ class AsyncpgRowWriter:
             return await self._insert(entries)
 
     def insert_here(self, entries: Sequence[UsageEntry]) -> bool:
-        return False  # the driver is asynchronous already: no thread to skip
+        return False
+
+    @abc.abstractmethod
+    async def _insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]: ...
+
+
+async def _autocommit_connection(engine: AsyncEngine) -> AsyncConnection:
+    """A connection from the engine's pool in autocommit mode: each INSERT commits on its own."""
+    connection = await engine.connect()
+    try:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+    except BaseException:
+        await _discard(connection)
+        raise
+    return connection
+
+
+class AsyncpgRowWriter(_AsyncDriverWriter):
+    """The insert on one asyncpg connection held open in autocommit mode (PostgreSQL), written out
+    as for SQLite and sent through the driver itself: through SQLAlchemy's execution machinery a
+    one-row commit cost 0.43 ms of CPU, through the driver 0.16 ms. After any failure the
+    connection is replaced."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__()
+        self._engine = engine
+        self._shape = _RowShape(engine.dialect, lambda index: f"${index + 1}")
+        self._held: AsyncConnection | None = None
+        """SQLAlchemy's hold on the connection (it came from the engine's pool, with its settings)."""
+        self._driver: asyncpg.Connection | None = None
 
     async def _insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
         shape = self._shape
@@ -357,9 +379,8 @@ class AsyncpgRowWriter:
 
     async def _connect(self) -> asyncpg.Connection:
         if self._driver is None:
-            held = await self._engine.connect()
+            held = await _autocommit_connection(self._engine)
             try:
-                await held.execution_options(isolation_level="AUTOCOMMIT")
                 raw = await held.get_raw_connection()
             except BaseException:
                 await _discard(held)
@@ -379,31 +400,18 @@ class AsyncpgRowWriter:
                 await held.close()
 
 
-class HeldConnectionWriter:
+class HeldConnectionWriter(_AsyncDriverWriter):
     """``insert_rows`` on one connection kept open; after any failure it is replaced."""
 
     def __init__(self, engine: AsyncEngine) -> None:
+        super().__init__()
         self._engine = engine
         self._connection: AsyncConnection | None = None
-        # The recorder's writer and its spool replayer may insert at the same time.
-        self._lock = asyncio.Lock()
-
-    async def insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
-        async with self._lock:
-            return await self._insert(entries)
-
-    def insert_here(self, entries: Sequence[UsageEntry]) -> bool:
-        return False  # the driver is asynchronous already: no thread to skip
 
     async def _insert(self, entries: Sequence[UsageEntry]) -> dict[str, str]:
         connection = self._connection
         if connection is None:
-            connection = await self._engine.connect()
-            try:
-                await connection.execution_options(isolation_level="AUTOCOMMIT")
-            except BaseException:
-                await _discard(connection)
-                raise
+            connection = await _autocommit_connection(self._engine)
             self._connection = connection
         try:
             return await connection.run_sync(insert_rows, entries)

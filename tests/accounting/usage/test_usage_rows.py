@@ -5,13 +5,16 @@ for one."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from gateway.accounting.keys import KeyStore, NewKey
 from gateway.accounting.usage import rows as rows_module
-from gateway.accounting.usage.rows import SqliteRowWriter
+from gateway.accounting.usage.rows import HeldConnectionWriter, SqliteRowWriter
 from gateway.db import make_engine, make_sessionmaker, upgrade_database
+from gateway.db.tables import UsageRecord
 from tests.support.accounting_records import usage_entry
 
 ROWS = 300
@@ -67,3 +70,20 @@ async def test_a_database_file_that_cannot_be_opened_declines_the_row_instead_of
     finally:
         await writer.aclose()
         await engine.dispose()
+
+
+async def test_the_generic_writer_inserts_once_and_refuses_a_request_id_used_twice(db_sessionmaker: Any) -> None:
+    """``HeldConnectionWriter``, the writer of databases without a writer of their own."""
+    key, _ = await KeyStore(db_sessionmaker).create(NewKey(name="usage"))
+    writer = HeldConnectionWriter(db_sessionmaker.kw["bind"])
+    try:
+        entries = [usage_entry(key.id) for _ in range(3)]
+        assert await writer.insert(entries) == {}
+        assert await writer.insert(entries) == {}  # a retry meets its own rows
+        clash = usage_entry(key.id, request_id=entries[0].request_id, prompt_tokens=999)
+        assert list(await writer.insert([clash])) == [clash.request_id]
+        assert writer.insert_here(entries) is False
+    finally:
+        await writer.aclose()
+    async with db_sessionmaker() as session:
+        assert await session.scalar(select(func.count()).select_from(UsageRecord)) == 3
