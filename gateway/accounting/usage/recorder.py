@@ -12,8 +12,8 @@ A row that would commit alone, while nothing else is being served (``commit_here
 committed by ``record`` itself on the event loop's thread where the writer allows it (SQLite): the
 insert and its fsync block the loop for a fraction of a millisecond that no other request waits
 for, and the two thread wake-ups of the hop, which cost more than that on a busy or virtual
-machine, are skipped. A commit there that takes longer than ``SLOW_COMMIT_HERE_S`` (a slow disk)
-sends rows through the writer thread again for ``COMMIT_HERE_PAUSE_S``.
+machine, are skipped. When those commits take longer than ``SLOW_COMMIT_HERE_S`` on average (a slow
+disk), rows go through the writer thread again for ``COMMIT_HERE_PAUSE_S`` (``LoopCommitTimes``).
 
 A batch that fails is retried. One the database refuses (``IntegrityError``, ``DataError``: the
 entries' own fault) is split so a single bad entry cannot sink the others, and that entry's
@@ -53,10 +53,29 @@ ATTEMPT_TIMEOUT_BEFORE_SPOOLING_S = 2.0
 """A try that takes longer is abandoned (the insert is idempotent, so a late commit does no harm).
 A healthy batch commits in milliseconds; with a spool, a database that hangs costs a response at
 most ~9 s once, after which rows go straight to the spool until the database answers again."""
-SLOW_COMMIT_HERE_S = 0.005
+SLOW_COMMIT_HERE_S = 0.002
 COMMIT_HERE_PAUSE_S = 60.0
-"""A lone row's commit on the event loop that took longer than this shows a disk too slow to wait
-for there: rows go through the writer thread for the pause, then the loop tries again."""
+"""Lone rows' commits on the event loop that take longer than this on average show a disk too slow
+to wait for there: rows go through the writer thread for the pause, then the loop tries again."""
+COMMIT_HERE_WEIGHT = 0.1
+"""The weight of the latest commit in that average: one commit held up by the machine (a process
+scheduled in its place, a page fault) moves it by a tenth; a disk that stays slow moves it past the
+limit within a few commits."""
+
+
+class LoopCommitTimes:
+    """How long the event loop's own commits take: an exponentially weighted average."""
+
+    def __init__(self) -> None:
+        self.average_s = 0.0
+
+    def too_slow_after(self, took_s: float) -> bool:
+        """Count one commit; whether the loop should stop committing (the average starts again)."""
+        self.average_s += COMMIT_HERE_WEIGHT * (took_s - self.average_s)
+        if self.average_s <= SLOW_COMMIT_HERE_S:
+            return False
+        self.average_s = 0.0
+        return True
 
 
 class UsageNotRecorded(Exception):
@@ -101,6 +120,7 @@ class UsageRecorder:
         self._database_lost = False
         self._alone: Callable[[], bool] = _never
         self._commit_here_from = 0.0
+        self._commit_here_times = LoopCommitTimes()
         self.committed = 0
         """Rows committed since start."""
         self.batches = 0
@@ -165,10 +185,12 @@ class UsageRecorder:
             return False
         committed = self._writer.insert_here([entry])
         took = time.monotonic() - started
-        if took > SLOW_COMMIT_HERE_S:
+        if self._commit_here_times.too_slow_after(took):
             self._commit_here_from = started + COMMIT_HERE_PAUSE_S
             logger.warning(
-                "a usage commit took %.1f ms on the event loop: rows go through the writer thread for %.0f s",
+                "usage commits on the event loop took over %.1f ms on average (the last %.1f ms): "
+                "rows go through the writer thread for %.0f s",
+                SLOW_COMMIT_HERE_S * 1000,
                 took * 1000,
                 COMMIT_HERE_PAUSE_S,
             )

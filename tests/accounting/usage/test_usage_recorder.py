@@ -362,7 +362,7 @@ async def test_a_slow_commit_on_the_loop_sends_rows_to_the_writer_for_a_while(
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
     key, _ = await KeyStore(sessions).create(NewKey(name="usage"))
-    monkeypatch.setattr(recorder_module, "SLOW_COMMIT_HERE_S", 0.0)  # every commit is too slow
+    monkeypatch.setattr(recorder_module, "SLOW_COMMIT_HERE_S", 0.0)  # any commit makes the average too slow
     writer_batches = watch_inserts(monkeypatch)
     recorder = UsageRecorder(sessions)
     recorder.commit_here_while(lambda: True)
@@ -377,6 +377,23 @@ async def test_a_slow_commit_on_the_loop_sends_rows_to_the_writer_for_a_while(
         await engine.dispose()
     assert (recorder.committed_here, writer_batches) == (1, [1, 1])
     assert "rows go through the writer thread for 60 s" in caplog.text
+    assert "on average" in caplog.text
+
+
+def test_one_commit_held_up_by_the_machine_does_not_stop_the_loop_committing() -> None:
+    times = recorder_module.LoopCommitTimes()
+    limit = recorder_module.SLOW_COMMIT_HERE_S
+    assert not times.too_slow_after(8 * limit)  # a commit the scheduler held up for a while
+    assert not any(times.too_slow_after(limit / 10) for _ in range(50))
+    assert times.average_s < limit / 2  # and it is forgotten
+
+
+def test_a_disk_that_stays_slow_stops_the_loop_committing_within_a_few_commits() -> None:
+    times = recorder_module.LoopCommitTimes()
+    limit = recorder_module.SLOW_COMMIT_HERE_S
+    verdicts = [times.too_slow_after(3 * limit) for _ in range(8)]
+    assert verdicts.index(True) <= 5
+    assert times.average_s < limit  # counted afresh once the loop tries again
 
 
 async def test_a_lone_row_the_database_refuses_is_reported_as_any_other(
