@@ -9,7 +9,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,9 +66,18 @@ class ChildGateway:
 
 @contextlib.asynccontextmanager
 async def child_gateway(
-    directory: Path, models: list[ModelConfig], admin_key: str, *, workers: int = 1, **settings: Any
+    directory: Path,
+    models: list[ModelConfig],
+    admin_key: str,
+    *,
+    workers: int = 1,
+    command_prefix: Sequence[str] = (),
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    **settings: Any,
 ) -> AsyncIterator[ChildGateway]:
-    """Serve until the block ends (SIGTERM then), from ``directory/gateway.yaml``; output to ``gateway.log``."""
+    """Serve until the block ends (SIGTERM then), from ``directory/gateway.yaml``; output to ``gateway.log``.
+
+    ``command_prefix`` runs the gateway under another program (a profiler)."""
     port = free_port()
     config = {"host": "127.0.0.1", "port": port, **settings, "models": msgspec.to_builtins(models)}
     config_path = directory / "gateway.yaml"
@@ -79,6 +88,7 @@ async def child_gateway(
     log_path = directory / "gateway.log"
     with log_path.open("ab") as log:
         process = await asyncio.create_subprocess_exec(
+            *command_prefix,
             *_console_script(),
             "serve",
             "--config",
@@ -92,14 +102,14 @@ async def child_gateway(
         )
     gateway = ChildGateway(process, f"http://127.0.0.1:{port}", log_path)
     try:
-        await _wait_until_ready(gateway)
+        await _wait_until_ready(gateway, startup_timeout_s)
         yield gateway
     finally:
         await gateway.stop()
 
 
-async def _wait_until_ready(gateway: ChildGateway) -> None:
-    async with asyncio.timeout(STARTUP_TIMEOUT_S), httpx.AsyncClient(base_url=gateway.base_url, timeout=2) as client:
+async def _wait_until_ready(gateway: ChildGateway, timeout_s: float) -> None:
+    async with asyncio.timeout(timeout_s), httpx.AsyncClient(base_url=gateway.base_url, timeout=2) as client:
         while True:
             if gateway.process.returncode is not None:
                 raise RuntimeError(f"the gateway exited with {gateway.process.returncode}:\n{gateway.log_tail()}")
