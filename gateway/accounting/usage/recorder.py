@@ -61,6 +61,9 @@ COMMIT_HERE_WEIGHT = 0.1
 """The weight of the latest commit in that average: one commit held up by the machine (a process
 scheduled in its place, a page fault) moves it by a tenth; a disk that stays slow moves it past the
 limit within a few commits."""
+COMMIT_HERE_SAMPLE_CAP_S = 4 * SLOW_COMMIT_HERE_S
+"""A commit counts for at most this long: one held up for tens of milliseconds (the process paused,
+a profiler attaching) would otherwise cross the limit on its own."""
 
 
 class LoopCommitTimes:
@@ -71,7 +74,7 @@ class LoopCommitTimes:
 
     def too_slow_after(self, took_s: float) -> bool:
         """Count one commit; whether the loop should stop committing (the average starts again)."""
-        self.average_s += COMMIT_HERE_WEIGHT * (took_s - self.average_s)
+        self.average_s += COMMIT_HERE_WEIGHT * (min(took_s, COMMIT_HERE_SAMPLE_CAP_S) - self.average_s)
         if self.average_s <= SLOW_COMMIT_HERE_S:
             return False
         self.average_s = 0.0

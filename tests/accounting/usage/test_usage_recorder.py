@@ -383,7 +383,8 @@ async def test_a_slow_commit_on_the_loop_sends_rows_to_the_writer_for_a_while(
 def test_one_commit_held_up_by_the_machine_does_not_stop_the_loop_committing() -> None:
     times = recorder_module.LoopCommitTimes()
     limit = recorder_module.SLOW_COMMIT_HERE_S
-    assert not times.too_slow_after(8 * limit)  # a commit the scheduler held up for a while
+    assert not times.too_slow_after(10)  # a commit the machine held up for a long while
+    assert not times.too_slow_after(10)  # twice in a row
     assert not any(times.too_slow_after(limit / 10) for _ in range(50))
     assert times.average_s < limit / 2  # and it is forgotten
 
