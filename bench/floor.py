@@ -4,9 +4,10 @@
 gateway on the same stack would pay. In one run, in alternating rounds, wrk sends chat
 completions one at a time (c=1) to the instant upstream direct, to each layer of
 ``bench.floor_apps`` (uvicorn alone; one Litestar route; that route forwarding to the upstream
-through the gateway's HTTP client; and committing one usage row with the gateway's row writer)
-and to the gateway itself (SQLite, as in ``bench.overhead``). It prints each target's p50, what
-that adds over direct, and the server's CPU time per request, medians over the rounds.
+through the gateway's HTTP client; and committing one usage row with the gateway's row writer,
+without and with the write-ahead log synced at each commit) and to the gateway itself (SQLite,
+as in ``bench.overhead``). It prints each target's p50, what that adds over direct, and the
+server's CPU time per request, medians over the rounds, and each round's p50.
 
     python -m bench.floor [--rounds 5] [--seconds 3]
 """
@@ -37,6 +38,7 @@ LAYERS = (
     ("uvicorn", "raw"),
     ("litestar", "litestar"),
     ("+forward", "forward"),
+    ("+row, unsynced", "forward_row_unsynced"),
     ("+row", "forward_row"),
 )
 """Name in the table, and the factory in ``bench.floor_apps``."""
@@ -122,14 +124,15 @@ async def _one_at_a_time(server: _Server, seconds: float, key: str | None) -> Wr
 def report(servers: list[_Server]) -> str:
     direct = statistics.median(servers[0].p50_ms)
     lines = [
-        "| target | c=1 p50 ms | added over direct ms | server CPU us a request |",
-        "| --- | --- | --- | --- |",
+        "| target | c=1 p50 ms | added over direct ms | server CPU us a request | p50 of each round ms |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for server in servers:
         p50 = statistics.median(server.p50_ms)
         added = "" if server is servers[0] else f"{p50 - direct:.2f}"
         cpu = f"{statistics.median(server.cpu_us):.0f}" if server.cpu_us else ""
-        lines.append(f"| {server.name} | {p50:.2f} | {added} | {cpu} |")
+        rounds = " ".join(f"{value:.2f}" for value in server.p50_ms)
+        lines.append(f"| {server.name} | {p50:.2f} | {added} | {cpu} | {rounds} |")
     return "\n".join(lines)
 
 

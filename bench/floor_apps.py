@@ -8,17 +8,20 @@ Each is an app factory for ``uvicorn --factory`` and answers ``POST /v1/chat/com
   (``backends.http1``) and returning the upstream's answer;
 - ``forward_row``: the same, and before answering, one usage row committed by the gateway's own
   row writer on the event loop (SQLite, the write-ahead log synced at each commit), as the
-  gateway's lone requests are.
+  gateway's lone requests are;
+- ``forward_row_unsynced``: the same with ``PRAGMA synchronous=NORMAL`` on that connection, so
+  commits are not synced (what the durability of a row costs, by difference).
 
 Settings come from the environment: ``FLOOR_UPSTREAM`` (base URL) for the last two,
 ``FLOOR_DATABASE`` (a SQLite URL of a migrated database) and ``FLOOR_KEY_ID`` (a key's id there)
-for the last one.
+for the last two.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import sqlite3
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -87,11 +90,25 @@ def forward_row() -> Litestar:
     return _forwarding(with_row=True)
 
 
-def _forwarding(*, with_row: bool) -> Litestar:
+def forward_row_unsynced() -> Litestar:
+    return _forwarding(with_row=True, synced=False)
+
+
+class _UnsyncedRowWriter(SqliteRowWriter):
+    def _connect_here(self) -> sqlite3.Connection:
+        connection = super()._connect_here()
+        # With a write-ahead log, NORMAL syncs at checkpoints only: a commit survives the
+        # process's crash but not the machine's.
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+
+def _forwarding(*, with_row: bool, synced: bool = True) -> Litestar:
     client = Http1Client(connect_timeout_s=5, keepalive_s=60)
     target = Target.parse(os.environ["FLOOR_UPSTREAM"] + CHAT_PATH)
     head = target.head("POST", {"Content-Type": "application/json"})
-    writer = SqliteRowWriter(make_engine(os.environ["FLOOR_DATABASE"]), lock_wait_s=5) if with_row else None
+    writer_class = SqliteRowWriter if synced else _UnsyncedRowWriter
+    writer = writer_class(make_engine(os.environ["FLOOR_DATABASE"]), lock_wait_s=5) if with_row else None
     key_id = os.environ.get("FLOOR_KEY_ID", "")
 
     @post(CHAT_PATH, status_code=200)
