@@ -12,7 +12,7 @@ Each is an app factory for ``uvicorn --factory`` and answers ``POST /v1/chat/com
 - ``forward_row_unsynced``: the same with ``PRAGMA synchronous=NORMAL`` on that connection, so
   commits are not synced (what the durability of a row costs, by difference).
 
-Settings come from the environment: ``FLOOR_UPSTREAM`` (base URL) for the last two,
+Settings come from the environment: ``FLOOR_UPSTREAM`` (base URL) for the last three,
 ``FLOOR_DATABASE`` (a SQLite URL of a migrated database) and ``FLOOR_KEY_ID`` (a key's id there)
 for the last two.
 """
@@ -43,11 +43,7 @@ REPLY: dict[str, Any] = {
     "created": 0,
     "model": "floor",
     "choices": [
-        {
-            "index": 0,
-            "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
-            "finish_reason": "stop",
-        }
+        {"index": 0, "message": _MESSAGE, "finish_reason": "stop"},
     ],
     "usage": {"prompt_tokens": 12, "completion_tokens": 9, "total_tokens": 21},
 }
