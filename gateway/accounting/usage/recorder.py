@@ -12,7 +12,7 @@ A row that would commit alone, while nothing else is being served (``commit_here
 committed by ``record`` itself on the event loop's thread where the writer allows it (SQLite): the
 insert and its fsync block the loop for a fraction of a millisecond that no other request waits
 for, and the two thread wake-ups of the hop, which cost more than that on a busy or virtual
-machine, are skipped. When those commits take longer than ``SLOW_COMMIT_HERE_S`` on average (a slow
+machine, are skipped. When most recent commits take longer than ``SLOW_COMMIT_HERE_S`` (a slow
 disk), rows go through the writer thread again for ``COMMIT_HERE_PAUSE_S`` (``LoopCommitTimes``).
 
 A batch that fails is retried. One the database refuses (``IntegrityError``, ``DataError``: the
@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 
 from sqlalchemy import text
@@ -55,29 +56,34 @@ A healthy batch commits in milliseconds; with a spool, a database that hangs cos
 most ~9 s once, after which rows go straight to the spool until the database answers again."""
 SLOW_COMMIT_HERE_S = 0.002
 COMMIT_HERE_PAUSE_S = 60.0
-"""Lone rows' commits on the event loop that take longer than this on average show a disk too slow
-to wait for there: rows go through the writer thread for the pause, then the loop tries again."""
-COMMIT_HERE_WEIGHT = 0.1
-"""The weight of the latest commit in that average: one commit held up by the machine (a process
-scheduled in its place, a page fault) moves it by a tenth; a disk that stays slow moves it past the
-limit within a few commits."""
-COMMIT_HERE_SAMPLE_CAP_S = 4 * SLOW_COMMIT_HERE_S
-"""A commit counts for at most this long: one held up for tens of milliseconds (the process paused,
-a profiler attaching) would otherwise cross the limit on its own."""
+"""When most of the lone rows' recent commits on the event loop take longer than this, the disk is
+too slow to wait for there: rows go through the writer thread for the pause, then the loop tries again."""
+COMMIT_HERE_WINDOW = 16
+"""How many of the latest commits the verdict looks at. It goes by their median, not their mean: a
+few commits held up by the machine (a burst of work at start-up, the process paused, a profiler
+attaching) say nothing of the disk and do not cross the limit, while a disk that stays slow does
+within a window's majority (9 commits)."""
 
 
 class LoopCommitTimes:
-    """How long the event loop's own commits take: an exponentially weighted average."""
+    """Whether the event loop's own commits are slow: the median of the latest ones, kept as a count."""
 
     def __init__(self) -> None:
-        self.average_s = 0.0
+        self._recent: deque[bool] = deque(maxlen=COMMIT_HERE_WINDOW)
+        self.slow = 0
+        """How many of the recent commits took longer than ``SLOW_COMMIT_HERE_S``."""
 
     def too_slow_after(self, took_s: float) -> bool:
-        """Count one commit; whether the loop should stop committing (the average starts again)."""
-        self.average_s += COMMIT_HERE_WEIGHT * (min(took_s, COMMIT_HERE_SAMPLE_CAP_S) - self.average_s)
-        if self.average_s <= SLOW_COMMIT_HERE_S:
+        """Count one commit; whether the loop should stop committing (the count starts again)."""
+        slow = took_s > SLOW_COMMIT_HERE_S
+        if len(self._recent) == COMMIT_HERE_WINDOW:
+            self.slow -= self._recent[0]  # about to fall out of the window
+        self._recent.append(slow)
+        self.slow += slow
+        if 2 * self.slow <= COMMIT_HERE_WINDOW:
             return False
-        self.average_s = 0.0
+        self._recent.clear()
+        self.slow = 0
         return True
 
 
@@ -191,8 +197,9 @@ class UsageRecorder:
         if self._commit_here_times.too_slow_after(took):
             self._commit_here_from = started + COMMIT_HERE_PAUSE_S
             logger.warning(
-                "usage commits on the event loop took over %.1f ms on average (the last %.1f ms): "
+                "most of the last %d usage commits on the event loop took over %.1f ms (the last %.1f ms): "
                 "rows go through the writer thread for %.0f s",
+                COMMIT_HERE_WINDOW,
                 SLOW_COMMIT_HERE_S * 1000,
                 took * 1000,
                 COMMIT_HERE_PAUSE_S,
