@@ -49,6 +49,9 @@ SERVED_MODEL_HEADER = "x-gateway-served-model"
 """On whole responses: the configured name of the model that served (a fallback, or the one asked for)."""
 _logger = structlog.get_logger("gateway.api.openai")
 
+DISCONNECT_WATCH_AFTER_S = 0.05
+"""How long a non-streamed generation runs before its request starts watching for the client leaving."""
+
 # Usage writes for streams cut off by the client outlive the cancelled request task.
 _background: set[asyncio.Task[None]] = set()
 
@@ -236,16 +239,24 @@ async def _collect(request: AnyRequest, chain: FirstToStart[_Attempt], ticket: T
     if this is None:
         raise RuntimeError("_collect runs in a task")
     client_left = False
+    watcher: asyncio.Task[None] | None = None
 
-    def stop_generating(watcher: asyncio.Task[None]) -> None:
+    def stop_generating(watched: asyncio.Task[None]) -> None:
         nonlocal client_left
-        if collecting and not watcher.cancelled():
+        if collecting and not watched.cancelled():
             client_left = True
             this.cancel()
 
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.create_task(_wait_for_disconnect(request))
+        watcher.add_done_callback(stop_generating)
+
     collecting = True
-    watcher = asyncio.create_task(_wait_for_disconnect(request))
-    watcher.add_done_callback(stop_generating)
+    # Most generations end before a client could notice and leave: the watcher, a task of its
+    # own, starts only for one still running after a moment (a disconnect before then is seen
+    # as soon as it starts).
+    start_watching = asyncio.get_running_loop().call_later(DISCONNECT_WATCH_AFTER_S, watch)
     status: UsageStatus = "cancelled"
     try:
         async with contextlib.aclosing(chain.events()) as events:
@@ -261,7 +272,9 @@ async def _collect(request: AnyRequest, chain: FirstToStart[_Attempt], ticket: T
         raise _generation_error(exc, chain.generation) from None
     finally:
         collecting = False
-        watcher.cancel()
+        start_watching.cancel()
+        if watcher is not None:
+            watcher.cancel()
         await ticket.finish(chain.generation, status)
     return {index: assembler.reply for index, assembler in enumerate(chain.current.assemblers)}
 
