@@ -53,7 +53,14 @@ class FirstToStart[C: Candidate]:
     def fell_back(self) -> bool:
         return self.generation.runtime.name != self.requested_model
 
-    async def events(self) -> AsyncGenerator[ChoiceEvent]:
+    def events(self) -> AsyncGenerator[ChoiceEvent]:
+        if self._later is None:
+            # Nothing to fall back on: the generation's own events, without a layer that passes
+            # each one on.
+            return self.generation.events()
+        return self._falling_back(self._later)
+
+    async def _falling_back(self, candidates: Callable[[], AsyncGenerator[C]]) -> AsyncGenerator[ChoiceEvent]:
         later: AsyncGenerator[C] | None = None
         try:
             while True:
@@ -66,10 +73,10 @@ class FirstToStart[C: Candidate]:
                     return
                 except BackendError as exc:
                     # A grammar no reply can follow fails on every model alike.
-                    if started or self._later is None or isinstance(exc, GrammarRejected):
+                    if started or isinstance(exc, GrammarRejected):
                         raise
                     if later is None:
-                        later = self._later()
+                        later = candidates()
                     following = await anext(later, None)
                     if following is None:
                         raise
