@@ -66,24 +66,22 @@ within a window's majority (9 commits)."""
 
 
 class LoopCommitTimes:
-    """Whether the event loop's own commits are slow: the median of the latest ones, kept as a count."""
+    """Whether the event loop's own commits are slow: the median of the latest ones."""
 
     def __init__(self) -> None:
         self._recent: deque[bool] = deque(maxlen=COMMIT_HERE_WINDOW)
-        self.slow = 0
+
+    @property
+    def slow(self) -> int:
         """How many of the recent commits took longer than ``SLOW_COMMIT_HERE_S``."""
+        return sum(self._recent)
 
     def too_slow_after(self, took_s: float) -> bool:
         """Count one commit; whether the loop should stop committing (the count starts again)."""
-        slow = took_s > SLOW_COMMIT_HERE_S
-        if len(self._recent) == COMMIT_HERE_WINDOW:
-            self.slow -= self._recent[0]  # about to fall out of the window
-        self._recent.append(slow)
-        self.slow += slow
+        self._recent.append(took_s > SLOW_COMMIT_HERE_S)
         if 2 * self.slow <= COMMIT_HERE_WINDOW:
             return False
         self._recent.clear()
-        self.slow = 0
         return True
 
 
